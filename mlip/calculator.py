@@ -1,0 +1,47 @@
+"""In-process ASE calculator backed by a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .graph import Structure
+from .potential import Potential
+
+
+class MLIPCalculator(Calculator):
+    """ASE calculator: energy/free_energy (eV), forces (eV/Å), stress (eV/Å³, periodic), energies (eV)."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(
+        self,
+        checkpoint: str | Path | Potential,
+        device: str = "cpu",
+        dtype: str = "float64",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.potential = (
+            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype)
+        )
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        structure = Structure.from_atoms(self.atoms)
+        periodic = bool(structure.pbc.any())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress is defined only for periodic cells (set atoms.pbc)")
+        wanted = ["energy", "forces", "energies"] + (["stress"] if periodic else [])
+        (result,) = self.potential.evaluate([structure], wanted)
+        self.results = {
+            "energy": result["energy"],
+            "free_energy": result["energy"],
+            "forces": np.asarray(result["forces"], dtype=np.float64),
+            "energies": np.asarray(result["energies"], dtype=np.float64),
+        }
+        if periodic:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(result["stress"], dtype=np.float64))

@@ -1,0 +1,156 @@
+"""Structures -> validated atomic graphs, and batching of many graphs into one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+from ase.data import chemical_symbols
+
+from .neighbors import neighbor_list
+
+MIN_DISTANCE = 1e-4  # Å; closer atoms are treated as overlapping (invalid input)
+MIN_VOLUME = 1e-6  # Å³; smaller periodic cells are degenerate
+PER_ATOM_TARGETS = ("forces",)  # every other target is per structure
+
+
+@dataclass
+class Structure:
+    """One validated structure: numbers (N,), positions (N, 3) Å, cell (3, 3) Å rows, pbc (3,)."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, numbers, positions, cell=None, pbc=None) -> "Structure":
+        """Check shapes, finiteness and the cell; raises ``ValueError`` naming the problem."""
+        numbers = np.asarray(numbers)
+        if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer) and numbers.size:
+            raise ValueError(f"numbers must be a 1-D list of atomic numbers, got shape {numbers.shape}")
+        numbers = numbers.astype(np.int64)
+        positions = np.asarray(positions, dtype=np.float64)
+        if positions.shape != (len(numbers), 3):
+            raise ValueError(
+                f"positions must have shape ({len(numbers)}, 3) to match numbers, got {positions.shape}"
+            )
+        if not np.isfinite(positions).all():
+            raise ValueError("positions contain NaN or inf")
+        cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
+        if cell.shape != (3, 3):
+            raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+        if not np.isfinite(cell).all():
+            raise ValueError("cell contains NaN or inf")
+        pbc = np.zeros(3, dtype=bool) if pbc is None else np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        if pbc.any():
+            volume = abs(np.linalg.det(cell))
+            if volume < MIN_VOLUME:
+                raise ValueError(f"periodic cell has zero volume ({volume:.3g} Å³): cell vectors are degenerate")
+        if (numbers < 1).any() or (numbers > 118).any():
+            raise ValueError(f"numbers must be atomic numbers 1..118, got {sorted(set(numbers.tolist()))}")
+        return cls(numbers, positions, cell, pbc)
+
+    @classmethod
+    def from_atoms(cls, atoms) -> "Structure":
+        return cls.from_arrays(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
+
+
+@dataclass
+class AtomicGraph:
+    """Atoms and directed edges (receiver, sender) of one or many structures, as tensors.
+
+    Edge vector r_ij = x_j - x_i + shift_ij · cell[batch_i] (Å) is recomputed by the model so that
+    forces and stress come from autograd. ``targets`` holds optional training labels.
+    """
+
+    species: torch.Tensor  # (N,) index into the model's species list
+    positions: torch.Tensor  # (N, 3) Å
+    cell: torch.Tensor  # (B, 3, 3) Å
+    pbc: torch.Tensor  # (B, 3) bool
+    edge_index: torch.Tensor  # (2, E) receiver, sender
+    edge_shift: torch.Tensor  # (E, 3) integer lattice shifts, in the positions' dtype
+    batch: torch.Tensor  # (N,) structure of each atom
+    num_atoms: torch.Tensor  # (B,)
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_graphs(self) -> int:
+        return int(self.num_atoms.shape[0])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "AtomicGraph":
+        """Move to a device; floating tensors (positions, cell, shifts, targets) also to ``dtype``."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "targets"}
+        return replace(self, **moved, targets={k: move(v) for k, v in self.targets.items()})
+
+
+class SpeciesIndex:
+    """Maps atomic numbers to the model's species indices; unknown elements are a ``ValueError``."""
+
+    def __init__(self, species: list[int]):
+        self.species = list(species)
+        self.table = np.full(119, -1, dtype=np.int64)
+        self.table[self.species] = np.arange(len(self.species))
+
+    def __call__(self, numbers: np.ndarray) -> np.ndarray:
+        index = self.table[numbers]
+        if (index < 0).any():
+            unknown = sorted({chemical_symbols[z] for z in numbers[index < 0]})
+            known = [chemical_symbols[z] for z in self.species]
+            raise ValueError(f"element(s) {unknown} not supported by this model (trained on {known})")
+        return index
+
+
+def build_graph(
+    structure: Structure, species_index: SpeciesIndex, cutoff: float, targets: dict | None = None
+) -> AtomicGraph:
+    """Neighbour list + species lookup for one structure (float64 tensors on the CPU)."""
+    species = species_index(structure.numbers)
+    receiver, sender, shifts = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+    if len(receiver):
+        vectors = structure.positions[sender] - structure.positions[receiver] + shifts @ structure.cell
+        lengths = np.linalg.norm(vectors, axis=1)
+        if lengths.min() < MIN_DISTANCE:
+            k = int(lengths.argmin())
+            raise ValueError(
+                f"atoms {receiver[k]} and {sender[k]} overlap (distance {lengths[k]:.2g} Å)"
+            )
+    return AtomicGraph(
+        species=torch.from_numpy(species),
+        positions=torch.from_numpy(structure.positions),
+        cell=torch.from_numpy(structure.cell).unsqueeze(0),
+        pbc=torch.from_numpy(structure.pbc).unsqueeze(0),
+        edge_index=torch.from_numpy(np.stack([receiver, sender])),
+        edge_shift=torch.from_numpy(shifts.astype(np.float64)),
+        batch=torch.zeros(len(species), dtype=torch.int64),
+        num_atoms=torch.tensor([len(species)]),
+        targets={
+            k: torch.as_tensor(v) if k in PER_ATOM_TARGETS else torch.as_tensor(v).unsqueeze(0)
+            for k, v in (targets or {}).items()
+        },
+    )
+
+
+def batch_graphs(graphs: list[AtomicGraph]) -> AtomicGraph:
+    """Concatenate graphs into one disjoint graph (targets concatenate along their first axis)."""
+    if len(graphs) == 1:
+        return graphs[0]
+    offsets = np.cumsum([0] + [int(g.num_atoms.sum()) for g in graphs[:-1]])
+    graph_offsets = np.cumsum([0] + [g.num_graphs for g in graphs[:-1]])
+    targets = {key: torch.cat([g.targets[key] for g in graphs]) for key in graphs[0].targets}
+    return AtomicGraph(
+        species=torch.cat([g.species for g in graphs]),
+        positions=torch.cat([g.positions for g in graphs]),
+        cell=torch.cat([g.cell for g in graphs]),
+        pbc=torch.cat([g.pbc for g in graphs]),
+        edge_index=torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
+        edge_shift=torch.cat([g.edge_shift for g in graphs]),
+        batch=torch.cat([g.batch + int(o) for g, o in zip(graphs, graph_offsets)]),
+        num_atoms=torch.cat([g.num_atoms for g in graphs]),
+        targets=targets,
+    )

@@ -1,0 +1,107 @@
+"""A model on a device: validated structures in, per-structure numpy results out (batched)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .graph import AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
+from .model import MLIPModel
+from .properties import compute_properties
+
+PROPERTIES = ("energy", "free_energy", "forces", "stress", "energies")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> the first GPU if there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class Potential:
+    """Evaluates energy (eV), forces (eV/Å), stress (eV/Å³) and per-atom energies for structures."""
+
+    def __init__(
+        self,
+        model: MLIPModel,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float64",
+        name: str = "model",
+        sha256: str = "",
+        metadata: dict | None = None,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.config = model.config
+        self.species_index = SpeciesIndex(self.config.species)
+        self.name, self.sha256, self.metadata = name, sha256, metadata or {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float64") -> "Potential":
+        ckpt = Checkpoint(path)
+        return cls(ckpt.build_model(), device, dtype, Path(path).stem, ckpt.sha256, ckpt.metadata)
+
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    def graph(self, structure: Structure) -> AtomicGraph:
+        return build_graph(structure, self.species_index, self.cutoff)
+
+    def evaluate(
+        self, structures: Sequence[Structure], properties: Iterable[str] = ("energy", "forces")
+    ) -> list[dict[str, np.ndarray | float]]:
+        """Evaluate many structures in one batched forward pass; results in input order."""
+        return self.evaluate_graphs([self.graph(s) for s in structures], properties)
+
+    def evaluate_graphs(
+        self, graphs: Sequence[AtomicGraph], properties: Iterable[str] = ("energy", "forces")
+    ) -> list[dict[str, np.ndarray | float]]:
+        """Like ``evaluate`` for prebuilt graphs. Stress is returned for periodic structures only."""
+        properties = set(properties)
+        unknown = properties - set(PROPERTIES)
+        if unknown:
+            raise ValueError(f"unknown properties {sorted(unknown)}; choose from {list(PROPERTIES)}")
+        if not graphs:
+            return []
+        graph = batch_graphs(list(graphs)).to(self.device, self.dtype)
+        want_stress = "stress" in properties and bool(graph.pbc.any())
+        out = compute_properties(self.model, graph, forces="forces" in properties, stress=want_stress)
+        counts = graph.num_atoms.tolist()
+        energy = out["energy"].detach().cpu().numpy()
+        per_atom = {
+            k: torch.split(out[k].detach().cpu(), counts) for k in ("forces", "energies") if k in properties
+        }
+        stress = out["stress"].detach().cpu().numpy() if want_stress else None
+        periodic = graph.pbc.any(dim=1).tolist()
+        results = []
+        for b in range(len(counts)):
+            r: dict[str, np.ndarray | float] = {"energy": float(energy[b])}
+            if "free_energy" in properties:
+                r["free_energy"] = float(energy[b])
+            for k, parts in per_atom.items():
+                r[k] = parts[b].numpy()
+            if stress is not None and periodic[b]:
+                r["stress"] = stress[b]
+            results.append(r)
+        return results

@@ -1,0 +1,71 @@
+"""Shared fixtures: small random models and structures the tests make themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from mlip import MLIPModel, ModelConfig, Potential
+
+torch.set_num_threads(2)
+
+SPECIES = [1, 6, 7, 8, 13, 29]  # H C N O Al Cu
+
+
+def make_config(**overrides) -> ModelConfig:
+    """Small but complete config: every irrep order, several layers, nonzero E0s, scale and shift."""
+    defaults = dict(
+        species=SPECIES,
+        cutoff=4.0,
+        num_channels=8,
+        l_max=2,
+        num_layers=3,
+        num_radial=6,
+        kernel_hidden=16,
+        avg_num_neighbors=8.0,
+        e0s={1: -13.6, 6: -1029.8, 7: -1485.3, 8: -2042.6, 13: -6.3, 29: -3.9},
+        scale=1.3,
+        shift=0.0,
+    )
+    defaults.update(overrides)
+    return ModelConfig(**defaults)
+
+
+@pytest.fixture(scope="session")
+def model() -> MLIPModel:
+    torch.manual_seed(0)
+    return MLIPModel(make_config())
+
+
+@pytest.fixture(scope="session")
+def potential(model) -> Potential:
+    return Potential(model, dtype="float64")
+
+
+@pytest.fixture
+def molecule_atoms() -> Atoms:
+    atoms = molecule("CH3CONH2")  # acetamide: H C N O, 9 atoms
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+@pytest.fixture
+def crystal_atoms() -> Atoms:
+    """Rattled, sheared Cu/Al fcc cell (periodic, 8 atoms)."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (1, 1, 2)
+    atoms.numbers[[1, 4]] = 13
+    atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 1.0, -0.03], [0.02, 0.0, 1.0]]), scale_atoms=True)
+    atoms.rattle(0.08, seed=2)
+    return atoms
+
+
+def random_rotation(seed: int, reflect: bool = False) -> np.ndarray:
+    """Uniform random orthogonal matrix; det = -1 when ``reflect``."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return -q if reflect else q

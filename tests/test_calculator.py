@@ -1,0 +1,120 @@
+"""The in-process ASE calculator: properties, bad input, and use inside ASE MD and optimisers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.filters import FrechetCellFilter
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS, FIRE
+
+from mlip import MLIPCalculator, MLIPModel, Potential, Structure, save_checkpoint
+
+from .conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_checkpoint(path, model)
+    return path
+
+
+def test_properties_match_potential(checkpoint, potential, crystal_atoms):
+    atoms = crystal_atoms.copy()
+    atoms.calc = MLIPCalculator(checkpoint)
+    (ref,) = potential.evaluate([Structure.from_atoms(crystal_atoms)], ["energy", "forces", "stress", "energies"])
+    assert atoms.get_potential_energy() == pytest.approx(ref["energy"], abs=1e-12)
+    assert atoms.get_potential_energy(force_consistent=True) == pytest.approx(ref["energy"], abs=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"], atol=1e-12)
+    np.testing.assert_allclose(atoms.get_potential_energies(), ref["energies"], atol=1e-12)
+    np.testing.assert_allclose(atoms.get_stress(voigt=False), ref["stress"], atol=1e-12)
+    assert atoms.get_stress().shape == (6,)
+
+
+def test_stress_only_for_periodic(checkpoint, molecule_atoms):
+    molecule_atoms.calc = MLIPCalculator(checkpoint)
+    molecule_atoms.get_forces()
+    with pytest.raises(PropertyNotImplementedError):
+        molecule_atoms.get_stress()
+
+
+def test_float32_calculator(checkpoint, crystal_atoms):
+    crystal_atoms.calc = MLIPCalculator(checkpoint, dtype="float32")
+    assert crystal_atoms.get_forces().dtype == np.float64
+    assert np.isfinite(crystal_atoms.get_stress()).all()
+
+
+@pytest.mark.parametrize(
+    "atoms, message",
+    [
+        (Atoms("Fe", positions=[[0, 0, 0]]), r"element\(s\) \['Fe'\] not supported"),
+        (Atoms("CO", positions=[[0, 0, 0], [np.nan, 0, 0]]), "NaN or inf"),
+        (Atoms("CO", positions=[[0, 0, 0], [np.inf, 0, 0]]), "NaN or inf"),
+        (Atoms("CO", positions=[[0, 0, 0], [1, 0, 0]], cell=[[1, 0, 0], [2, 0, 0], [0, 0, 1]], pbc=True), "zero volume"),
+        (Atoms("CO", positions=[[0, 0, 0], [0, 0, 0]]), "overlap"),
+    ],
+    ids=["unknown-element", "nan", "inf", "zero-volume", "overlap"],
+)
+def test_bad_input_raises_value_error(checkpoint, atoms, message):
+    atoms.calc = MLIPCalculator(checkpoint)
+    with pytest.raises(ValueError, match=message):
+        atoms.get_potential_energy()
+
+
+def test_mismatched_shapes_raise_value_error():
+    with pytest.raises(ValueError, match=r"positions must have shape \(3, 3\)"):
+        Structure.from_arrays([1, 6, 8], [[0, 0, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match=r"cell must have shape \(3, 3\)"):
+        Structure.from_arrays([1], [[0, 0, 0]], cell=[1, 2, 3], pbc=True)
+    with pytest.raises(ValueError, match="atomic numbers"):
+        Structure.from_arrays([0], [[0, 0, 0]])
+
+
+def test_unknown_property_raises(potential, molecule_atoms):
+    with pytest.raises(ValueError, match="unknown properties"):
+        potential.evaluate([Structure.from_atoms(molecule_atoms)], ["hessian"])
+
+
+def test_nve_conserves_energy(checkpoint, molecule_atoms):
+    atoms = molecule_atoms.copy()
+    atoms.calc = MLIPCalculator(checkpoint)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    dyn.run(100)
+    kinetic = 1.5 * len(atoms) * units.kB * 300
+    assert np.ptp(energies) < 1e-3 * kinetic + 1e-5
+    assert np.linalg.norm(atoms.positions - molecule_atoms.positions) > 1e-3
+
+
+def test_langevin_runs(checkpoint, molecule_atoms):
+    molecule_atoms.calc = MLIPCalculator(checkpoint, dtype="float32")
+    Langevin(molecule_atoms, 0.5 * units.fs, temperature_K=300, friction=0.01, fixcm=False, rng=np.random.default_rng(0)).run(20)
+    assert np.isfinite(molecule_atoms.positions).all()
+
+
+@pytest.mark.parametrize("optimizer", [BFGS, FIRE])
+def test_relaxation_with_cell_filter(optimizer):
+    """A pair-repulsive toy model (large positive shift of the scale) relaxes a rattled Cu cell."""
+    import torch
+
+    torch.manual_seed(3)
+    potential = Potential(MLIPModel(make_config(num_layers=2)))
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=4)
+    atoms.calc = MLIPCalculator(potential)
+    start_energy = atoms.get_potential_energy()
+    filtered = FrechetCellFilter(atoms)
+    start_fmax = np.abs(filtered.get_forces()).max()
+    converged = optimizer(filtered, logfile=None).run(fmax=0.05 * start_fmax, steps=300)
+    assert atoms.get_potential_energy() < start_energy
+    assert np.abs(filtered.get_forces()).max() < 0.05 * start_fmax or not converged and pytest.fail(
+        "optimiser did not reduce the generalised forces"
+    )
