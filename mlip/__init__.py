@@ -17,6 +17,7 @@ __all__ = [
     "MLIPModel",
     "ModelConfig",
     "Potential",
+    "RemoteCalculator",
     "Structure",
     "__version__",
     "batch_graphs",
@@ -25,3 +26,12 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    """Import RemoteCalculator (httpx, websockets) only when it is used."""
+    if name == "RemoteCalculator":
+        from .remote import RemoteCalculator
+
+        return RemoteCalculator
+    raise AttributeError(f"module 'mlip' has no attribute {name!r}")

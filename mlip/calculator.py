@@ -32,16 +32,26 @@ class MLIPCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = Structure.from_atoms(self.atoms)
-        periodic = bool(structure.pbc.any())
-        if "stress" in properties and not periodic:
-            raise PropertyNotImplementedError("stress is defined only for periodic cells (set atoms.pbc)")
-        wanted = ["energy", "forces", "energies"] + (["stress"] if periodic else [])
+        wanted = wanted_properties(properties, bool(structure.pbc.any()))
         (result,) = self.potential.evaluate([structure], wanted)
-        self.results = {
-            "energy": result["energy"],
-            "free_energy": result["energy"],
-            "forces": np.asarray(result["forces"], dtype=np.float64),
-            "energies": np.asarray(result["energies"], dtype=np.float64),
-        }
-        if periodic:
-            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(result["stress"], dtype=np.float64))
+        self.results = ase_results(result)
+
+
+def wanted_properties(properties, periodic: bool) -> list[str]:
+    """What to evaluate for an ASE request: everything cheap at once; stress only for periodic cells."""
+    if "stress" in properties and not periodic:
+        raise PropertyNotImplementedError("stress is defined only for periodic cells (set atoms.pbc)")
+    return ["energy", "forces", "energies"] + (["stress"] if periodic else [])
+
+
+def ase_results(result: dict) -> dict:
+    """A Potential result as ASE ``Calculator.results`` (float64 arrays, Voigt stress in eV/Å³)."""
+    results = {
+        "energy": result["energy"],
+        "free_energy": result["energy"],
+        "forces": np.asarray(result["forces"], dtype=np.float64),
+        "energies": np.asarray(result["energies"], dtype=np.float64),
+    }
+    if "stress" in result:
+        results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(result["stress"], dtype=np.float64))
+    return results

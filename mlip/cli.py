@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = {
     "info": ("mlip.info", "print a checkpoint's model card and config"),
+    "serve": ("server.cli", "serve checkpoints over HTTP and WebSocket"),
 }
 
 

@@ -1,0 +1,1 @@
+"""`mlip serve`: FastAPI app, batching model workers, HTTP and WebSocket APIs."""

@@ -1,0 +1,119 @@
+"""From request bytes to validated graphs, and from graphs to results via a model's worker.
+
+Everything that can reject input (body size, encoding, schema, limits, structure checks,
+unknown elements, overlapping atoms) happens here, before the worker sees anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Iterable, TypeVar
+
+import numpy as np
+import orjson
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+
+from mlip import AtomicGraph, Potential, Structure, wire
+
+from .errors import ApiError, from_validation_error
+from .models import ServedModel
+from .settings import Settings
+from .worker import QueueFull
+
+T = TypeVar("T")
+# First words of mlip's ValueError messages -> the input field they are about.
+_MESSAGE_FIELDS = {"numbers": "numbers", "positions": "positions", "cell": "cell", "periodic": "cell", "element(s)": "numbers", "atoms": "positions"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 if Content-Length or the bytes actually sent exceed ``limit``."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, "body", f"body of {length} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(body: bytes, content_type: str | None) -> Any:
+    """JSON or msgpack by Content-Type (JSON if absent); 415 for other types, 400 if undecodable."""
+    media = (content_type or wire.JSON).split(";")[0].strip().lower()
+    try:
+        if media == wire.JSON:
+            return orjson.loads(body)
+        if media in (wire.MSGPACK, "application/x-msgpack"):
+            return wire.unpackb(body)
+    except (orjson.JSONDecodeError, ValueError) as err:
+        raise ApiError(400, "body", f"body is not valid {media}: {err}") from err
+    raise ApiError(415, "Content-Type", f"unsupported Content-Type {media!r}; use {wire.JSON} or {wire.MSGPACK}")
+
+
+def parse(adapter: TypeAdapter[T], data: Any) -> T:
+    """Validate decoded data against a pydantic schema; 422 naming the first bad field."""
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as err:
+        raise from_validation_error(err) from err
+
+
+def _field_of(message: str) -> str | None:
+    """The input field an ``mlip`` ValueError message is about (its messages start with the field)."""
+    return _MESSAGE_FIELDS.get(message.split(" ", 1)[0])
+
+
+def build_graph(
+    potential: Potential,
+    settings: Settings,
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray | None,
+    pbc: Any,
+) -> AtomicGraph:
+    """Validate one structure and build its neighbour-list graph; 413/422 naming the field otherwise."""
+    if len(numbers) > settings.max_atoms_per_structure:
+        raise ApiError(413, "numbers", f"{len(numbers)} atoms exceed the limit of {settings.max_atoms_per_structure} per structure")
+    try:
+        return potential.graph(Structure.from_arrays(numbers, positions, cell, pbc))
+    except ValueError as err:
+        raise ApiError(422, _field_of(str(err)), str(err)) from err
+
+
+def build_graphs(potential: Potential, settings: Settings, structures: list) -> list[AtomicGraph]:
+    """Graphs for a request's structures; request-wide limits first, errors named ``structures[i].<field>``."""
+    if len(structures) > settings.max_structures_per_request:
+        raise ApiError(413, "structures", f"{len(structures)} structures exceed the limit of {settings.max_structures_per_request} per request")
+    total = sum(len(s.numbers) for s in structures)
+    if total > settings.max_atoms_per_request:
+        raise ApiError(413, "structures", f"{total} atoms exceed the limit of {settings.max_atoms_per_request} per request")
+    graphs = []
+    for i, s in enumerate(structures):
+        try:
+            graphs.append(build_graph(potential, settings, s.numbers, s.positions, s.cell, s.pbc))
+        except ApiError as err:
+            raise err.within(f"structures[{i}]") from err
+    return graphs
+
+
+async def evaluate(
+    served: ServedModel, settings: Settings, graphs: list[AtomicGraph], properties: Iterable[str], prefix: str | None
+) -> list[dict[str, Any]]:
+    """Queue graphs on the model's worker and await their results (503 if full, 504 on timeout)."""
+    try:
+        futures = served.worker.submit(graphs, set(properties))
+    except QueueFull as err:
+        raise ApiError(503, None, f"{err}; retry later", {"Retry-After": str(settings.retry_after_s)}) from err
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), settings.request_timeout_s)
+    except asyncio.TimeoutError as err:  # gather's cancellation cancels the futures: the worker skips them
+        raise ApiError(504, None, f"no result within {settings.request_timeout_s} s") from err
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, ApiError):
+            raise outcome.within(f"{prefix}[{i}]") if prefix else outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes

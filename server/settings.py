@@ -1,0 +1,68 @@
+"""Server settings: command-line flags override ``MLIP_*`` environment variables, which override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlip.checkpoint import DEFAULT_CHECKPOINT
+
+
+class Settings(BaseSettings):
+    """Every field can be set as ``MLIP_<FIELD>`` (e.g. ``MLIP_MAX_BATCH_ATOMS=8192``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MLIP_", extra="ignore")
+
+    checkpoint: Path | None = Field(None, description="serve this one checkpoint (default: the shipped one)")
+    models: Path | None = Field(None, description="serve every *.safetensors in this directory")
+    default_model: str | None = Field(None, description="model used when a request names none")
+    host: str = Field("127.0.0.1", description="bind address (loopback unless told otherwise)")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float64"] = "float64"
+
+    max_batch_atoms: int = Field(4096, ge=1, description="atom budget of one micro-batch")
+    max_wait_ms: float = Field(0.0, ge=0, description="extra wait (ms) to gather a larger batch; 0 = none")
+    max_queue: int = Field(1024, ge=1, description="structures waiting per model before 503")
+    max_atoms_per_structure: int = Field(4096, ge=1)
+    max_atoms_per_request: int = Field(65536, ge=1)
+    max_structures_per_request: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body or WebSocket frame")
+    request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (s) sent with 503 answers")
+
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
+    api_keys_file: Path | None = Field(None, description="file with one accepted API key per line")
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> "Settings":
+        if self.checkpoint is not None and self.models is not None:
+            raise ValueError("give either checkpoint or models (a directory), not both")
+        return self
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The checkpoint files to serve; ``ValueError`` if there are none."""
+        if self.models is not None:
+            if not self.models.is_dir():
+                raise ValueError(f"models directory not found: {self.models}")
+            paths = sorted(self.models.glob("*.safetensors"))
+            if not paths:
+                raise ValueError(f"no *.safetensors checkpoints in {self.models}")
+            return paths
+        path = self.checkpoint or DEFAULT_CHECKPOINT
+        if not path.is_file():
+            raise ValueError(f"checkpoint not found: {path}")
+        return [path]
+
+    def api_keys(self) -> list[str]:
+        """Accepted API keys (empty: authentication off)."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_keys_file is not None:
+            if not self.api_keys_file.is_file():
+                raise ValueError(f"API keys file not found: {self.api_keys_file}")
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+        return keys

@@ -1,0 +1,183 @@
+"""The batching worker: one thread per model owns its device and runs micro-batches from a bounded queue.
+
+Whenever the thread is free it takes every waiting structure (up to an atom budget) as one batch,
+runs one batched forward pass and hands each result to its caller's event loop. Requests that
+arrive during a forward pass form the next batch, so a lone client waits for nothing extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlip import AtomicGraph, Potential
+
+from .errors import ApiError
+from .metrics import Metrics
+
+log = logging.getLogger("mlip.server")
+Outcome = dict[str, Any] | ApiError
+
+
+class QueueFull(Exception):
+    """The queue has no room for the request's structures."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One structure waiting for the worker, and where its result goes."""
+
+    graph: AtomicGraph
+    properties: frozenset[str]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    atoms: int = field(init=False)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.atoms = int(self.graph.num_atoms.sum())
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, Outcome]]) -> None:
+    """Runs on the event loop: resolve futures whose callers are still waiting."""
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, ApiError):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+class BatchWorker:
+    """Runs ``potential.evaluate_graphs`` on batches gathered from a bounded queue, in its own thread."""
+
+    def __init__(
+        self,
+        potential: Potential,
+        metrics: Metrics,
+        max_batch_atoms: int = 4096,
+        max_wait_s: float = 0.0,
+        max_queue: int = 1024,
+    ) -> None:
+        self.potential, self.metrics, self.name = potential, metrics, potential.name
+        self.max_batch_atoms, self.max_wait_s, self.max_queue = max_batch_atoms, max_wait_s, max_queue
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"mlip-worker-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the running batch, fail waiting jobs with 503 and join the thread."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        self._deliver([(job, ApiError(503, None, "server is shutting down")) for job in pending])
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, graphs: list[AtomicGraph], properties: set[str]) -> list[asyncio.Future]:
+        """Enqueue all graphs or none (``QueueFull``); call from the event loop, await the futures."""
+        loop = asyncio.get_running_loop()
+        jobs = [Job(g, frozenset(properties), loop.create_future(), loop) for g in graphs]
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("server is shutting down")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFull(f"queue full ({len(self._queue)} of {self.max_queue} structures waiting)")
+            self._queue.extend(jobs)
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+            self._cond.notify()
+        return [job.future for job in jobs]
+
+    def _take(self) -> list[Job] | None:
+        """Block until work arrives; return everything waiting up to the atom budget (None: stopping)."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if self.max_wait_s > 0:
+                deadline = self._queue[0].enqueued + self.max_wait_s
+                while sum(j.atoms for j in self._queue) < self.max_batch_atoms and not self._stopping:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            batch, atoms = [], 0
+            while self._queue and (not batch or atoms + self._queue[0].atoms <= self.max_batch_atoms):
+                job = self._queue.popleft()
+                if not job.future.done():  # caller gave up (timeout, disconnect)
+                    batch.append(job)
+                    atoms += job.atoms
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except Exception:  # keep serving whatever went wrong; callers then time out with 504
+                log.exception("worker failed to run a batch of %d", len(batch))
+
+    def _run(self, batch: list[Job]) -> None:
+        """Evaluate one batch and deliver every outcome; never lets an exception kill the thread."""
+        start = time.perf_counter()
+        try:
+            outcomes = self._evaluate(batch)
+        except Exception as err:  # unexpected failure of the whole batch: isolate the culprit
+            log.warning("batch of %d failed (%r); retrying one by one", len(batch), err)
+            outcomes = [self._evaluate_alone(job) for job in batch]
+        seconds = time.perf_counter() - start
+        self.metrics.observe_batch(
+            self.name, len(batch), sum(j.atoms for j in batch), [start - j.enqueued for j in batch], seconds
+        )
+        self._deliver(list(zip(batch, outcomes)))
+
+    def _evaluate(self, batch: list[Job]) -> list[Outcome]:
+        """One forward pass for the batch; on device out-of-memory, halves until each part fits."""
+        properties = set().union(*(job.properties for job in batch))
+        try:
+            results = self.potential.evaluate_graphs([job.graph for job in batch], properties)
+        except torch.cuda.OutOfMemoryError:
+            if self.potential.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                message = f"structure of {batch[0].atoms} atoms does not fit in {self.potential.device} memory"
+                return [ApiError(413, None, message)]
+            half = len(batch) // 2
+            log.info("out of memory on a batch of %d structures; splitting", len(batch))
+            return self._evaluate(batch[:half]) + self._evaluate(batch[half:])
+        return [{k: v for k, v in r.items() if k in job.properties} for job, r in zip(batch, results)]
+
+    def _evaluate_alone(self, job: Job) -> Outcome:
+        """Evaluate one structure by itself; an unexpected failure becomes that structure's 422."""
+        try:
+            return self._evaluate([job])[0]
+        except Exception as err:
+            log.exception("structure of %d atoms failed", job.atoms)
+            return ApiError(422, None, f"the model could not evaluate this structure: {type(err).__name__}: {err}")
+
+    @staticmethod
+    def _deliver(pairs: list[tuple[Job, Outcome]]) -> None:
+        """Hand outcomes to each caller's event loop (one callback per loop)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Outcome]]] = {}
+        for job, outcome in pairs:
+            by_loop.setdefault(job.loop, []).append((job.future, outcome))
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:  # the caller's event loop has closed: nobody is waiting
+                continue
