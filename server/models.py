@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mlip import Potential, Structure
 
@@ -73,6 +74,8 @@ class ModelRegistry:
     def load(self) -> None:
         """Load every checkpoint, warm each up, start its worker; errors are kept for /health/ready."""
         s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         try:
             for path in s.checkpoint_paths():
                 potential = Potential.load(path, device=s.device, dtype=s.dtype)

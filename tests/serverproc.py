@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from mlip import MLIPModel, ModelConfig, save_checkpoint
@@ -25,6 +26,15 @@ def make_checkpoint(path: Path, seed: int = 0, **config) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Servers and tests share two busy cores: one torch thread each avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +46,7 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path: Path, port: int | None = None, env: dict[str, str] | None = None):
         self.args, self.log_path, self.port = args, log_path, port or free_port()
-        self.env = {**os.environ, "MLIP_LOG_LEVEL": "warning", **(env or {})}
+        self.env = {**os.environ, "MLIP_LOG_LEVEL": "warning", "MLIP_TORCH_THREADS": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
 
     @property

@@ -1,0 +1,217 @@
+"""ASE calculator that evaluates on an `mlip serve` server over one persistent WebSocket or HTTP connection.
+
+WebSocket sessions send the structure once, then only positions (and the cell or pbc when they
+change). A dropped connection or a restarting server is retried with exponential backoff, and
+the structure and the step are sent again, so no step is lost or doubled. A 4xx answer is raised
+at once as ``RemoteError`` (a ``ValueError``) carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import httpx
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from . import wire
+from .calculator import ase_results, wanted_properties
+
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({502, 503, 504})
+MAX_BACKOFF_S = 2.0
+MAX_MESSAGE_BYTES = 2**28
+
+
+class RemoteError(ValueError):
+    """The server rejected the request (4xx); ``status``, ``field`` and ``message`` are the server's."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(f"server answered {status}" + (f" for {field}" if field else "") + f": {message}")
+        self.status, self.field, self.message = status, field, message
+
+
+class _Unavailable(Exception):
+    """Worth retrying: no connection, a dropped connection, or a 5xx 'try again' answer."""
+
+
+def _error_from(status: int, body: Any) -> RemoteError | _Unavailable:
+    """An error answer as the exception to raise (retryable statuses become ``_Unavailable``)."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    message = error.get("message") or str(body)[:500]
+    if status in RETRY_STATUSES:
+        return _Unavailable(f"{status}: {message}")
+    return RemoteError(status, error.get("field"), message)
+
+
+def _structure(atoms: Atoms) -> dict[str, Any]:
+    """An ASE Atoms as the wire structure (raw float64 arrays, Å)."""
+    return {
+        "numbers": atoms.numbers.tolist(),
+        "positions": atoms.positions,
+        "cell": atoms.cell.array,
+        "pbc": [bool(p) for p in atoms.pbc],
+    }
+
+
+class RemoteCalculator(Calculator):
+    """ASE calculator backed by a server: energy/free_energy (eV), forces (eV/Å), stress (eV/Å³), energies (eV)."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        model: str | None = None,
+        api_key: str | None = None,
+        transport: str = "ws",
+        timeout: float = 60.0,
+        retries: int = 8,
+        backoff_s: float = 0.1,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if transport not in ("ws", "http"):
+            raise ValueError(f"transport must be 'ws' or 'http', got {transport!r}")
+        self.url, self.model, self.transport = url.rstrip("/"), model, transport
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        api_key = api_key or os.environ.get("MLIP_API_KEY")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http: httpx.Client | None = None
+        self._ws: ClientConnection | None = None
+        self._session: tuple | None = None  # what the server's WebSocket session holds: (numbers, properties)
+        self._sent_cell: np.ndarray | None = None
+        self._sent_pbc: list[bool] | None = None
+        self._message_id = 0
+        self.server_model: dict[str, str] | None = None  # {"name", "sha256"} of the model that answered
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        wanted = wanted_properties(properties, bool(self.atoms.pbc.any()))
+        if self.transport == "ws":
+            result = self._retrying(lambda: self._ws_step(self.atoms, wanted))
+        else:
+            (result,) = self._retrying(lambda: self._post([self.atoms], wanted))
+        self.results = ase_results(result)
+
+    def calculate_many(
+        self, images: Sequence[Atoms], properties: Iterable[str] = ("energy", "forces")
+    ) -> list[dict[str, Any]]:
+        """Evaluate many structures in one HTTP request; dicts of energy (eV), forces (eV/Å), stress (3×3 eV/Å³)..."""
+        properties = list(properties)
+        return self._retrying(lambda: self._post(list(images), properties))
+
+    def close(self) -> None:
+        """Close the WebSocket and HTTP connections (a later calculation reopens them)."""
+        self._drop_ws()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> "RemoteCalculator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Run ``call``; on ``_Unavailable`` back off exponentially and retry, at most ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except _Unavailable as err:
+                last = err
+                if attempt < self.retries:
+                    time.sleep(min(self.backoff_s * 2**attempt, MAX_BACKOFF_S))
+        raise ConnectionError(f"no answer from {self.url} after {self.retries + 1} attempts: {last}")
+
+    def _post(self, images: list[Atoms], properties: list[str]) -> list[dict[str, Any]]:
+        """One msgpack POST /v1/calculate over the persistent HTTP client."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=self.timeout)
+        payload = {"model": self.model, "structures": [_structure(a) for a in images], "properties": properties}
+        try:
+            response = self._http.post(
+                "/v1/calculate",
+                content=wire.packb(payload),
+                headers={"Content-Type": wire.MSGPACK, "Accept": wire.MSGPACK},
+            )
+        except httpx.TransportError as err:
+            raise _Unavailable(f"{type(err).__name__}: {err}") from err
+        is_msgpack = response.headers.get("content-type", "").startswith(wire.MSGPACK)
+        body = wire.unpackb(response.content) if is_msgpack else _json_body(response.content)
+        if response.status_code != 200:
+            raise _error_from(response.status_code, body)
+        self.server_model = body["model"]
+        return body["results"]
+
+    def _ws_step(self, atoms: Atoms, properties: list[str]) -> dict[str, Any]:
+        """Send one start (new session) or step message and return that structure's results."""
+        session = (atoms.numbers.tobytes(), tuple(properties))
+        cell, pbc = atoms.cell.array.copy(), [bool(p) for p in atoms.pbc]
+        if self._ws is None or self._session != session:
+            message = {"type": "start", "model": self.model, **_structure(atoms), "properties": properties}
+        else:
+            message = {"type": "step", "positions": atoms.positions}
+            if not np.array_equal(cell, self._sent_cell):
+                message["cell"] = cell
+            if pbc != self._sent_pbc:
+                message["pbc"] = pbc
+        self._message_id += 1
+        message["id"] = self._message_id
+        reply = self._exchange(message)
+        if reply["type"] == "error":
+            raise _error_from(reply["status"], reply)
+        self._session, self._sent_cell, self._sent_pbc = session, cell, pbc
+        self.server_model = reply["model"]
+        return reply["results"]
+
+    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one frame and receive its reply; any connection failure drops the session."""
+        try:
+            if self._ws is None:
+                self._ws = self._connect()
+            self._ws.send(wire.packb(message))
+            reply = wire.unpackb(self._ws.recv(timeout=self.timeout))
+        except InvalidStatus as err:
+            self._drop_ws()
+            response = err.response
+            raise _error_from(response.status_code, _json_body(response.body)) from err
+        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as err:
+            self._drop_ws()
+            raise _Unavailable(f"{type(err).__name__}: {err}") from err
+        if reply.get("id") != message["id"]:
+            self._drop_ws()
+            raise _Unavailable(f"reply to message {reply.get('id')} instead of {message['id']}")
+        return reply
+
+    def _connect(self) -> ClientConnection:
+        ws_url = "ws" + self.url.removeprefix("http") + "/v1/stream"
+        return connect(
+            ws_url,
+            additional_headers=self._headers,
+            compression=None,
+            open_timeout=self.timeout,
+            max_size=MAX_MESSAGE_BYTES,
+            legacy=True,  # a plain persistent connection (this class reconnects by itself)
+        )
+
+    def _drop_ws(self) -> None:
+        """Forget the WebSocket session; the next step starts a new one with the whole structure."""
+        if self._ws is not None:
+            self._ws.close()
+        self._ws, self._session = None, None
+
+
+def _json_body(data: bytes | None) -> Any:
+    """A JSON error body, or the raw text when it is not JSON."""
+    try:
+        return json.loads(data or b"")
+    except ValueError:
+        return (data or b"").decode(errors="replace")
