@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS = {
     "info": ("mlip.info", "print a checkpoint's model card and config"),
     "serve": ("server.cli", "serve checkpoints over HTTP and WebSocket"),
+    "train": ("training.train", "train a potential from a YAML config"),
+    "eval": ("training.evaluate", "evaluate a checkpoint on extended-XYZ data"),
 }
 
 

@@ -101,7 +101,7 @@ class Interaction(nn.Module):
 
 
 class MLIPModel(nn.Module):
-    """Per-atom energies (eV) from species and edge vectors; forces/stress come from autograd.
+    """Per-atom energies (eV, float64) from species and edge vectors; forces/stress come from autograd.
 
     E_i = E0[z_i] + scale * (sum of layer readouts) + shift. The first interaction sees the centre
     species only through the implicit kernel, so an atom without neighbours has E_i = E0 + shift.
@@ -129,10 +129,8 @@ class MLIPModel(nn.Module):
         self.final_readout = e3nn_nn.FullyConnectedNet(
             [config.num_channels, config.readout_hidden, 1], torch.nn.functional.silu
         )
-        e0 = torch.tensor([config.e0s.get(z, 0.0) for z in config.species], dtype=torch.float64)
-        self.register_buffer("e0s", e0)
-        self.register_buffer("scale", torch.tensor(float(config.scale), dtype=torch.float64))
-        self.register_buffer("shift", torch.tensor(float(config.shift), dtype=torch.float64))
+        # E0s stay float64 (outside the state dict) so totals of ~1e4 eV keep meV precision in float32 mode
+        self.e0_table = torch.tensor([config.e0s.get(z, 0.0) for z in config.species], dtype=torch.float64)
 
     def forward(self, species: torch.Tensor, edge_vectors: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """Energy of each atom in eV; ``species`` indexes ``config.species``; edges are (receiver, sender)."""
@@ -151,4 +149,5 @@ class MLIPModel(nn.Module):
                 outputs.append(self.readouts[k](features))
         outputs.append(self.final_readout(features))
         atomic = torch.stack(outputs, dim=0).sum(dim=0).squeeze(-1)
-        return self.scale * atomic + self.shift + self.e0s[species]
+        interaction = self.config.scale * atomic + self.config.shift
+        return interaction.to(torch.float64) + self.e0_table.to(species.device)[species]

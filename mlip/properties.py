@@ -37,7 +37,7 @@ def compute_properties(
     edge_vectors = positions[sender] - positions[receiver] + torch.einsum("ei,eij->ej", graph.edge_shift, edge_cell)
 
     node_energy = model(graph.species, edge_vectors, graph.edge_index)
-    energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+    energy = torch.zeros(graph.num_graphs, dtype=torch.float64, device=node_energy.device)
     energy = energy.index_add(0, graph.batch, node_energy)
     results = {"energy": energy, "energies": node_energy}
     if inputs:

@@ -1,0 +1,217 @@
+"""`mlip train` / `mlip eval` on EMT data: learning, checkpoint fidelity, resume, E0s, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from mlip import Checkpoint, MLIPModel, Potential, Structure
+from mlip.cli import main as cli_main
+from training.config import TrainConfig
+from training.data import LabelKeys, read_samples
+from training.statistics import fit_e0s
+from training.trainer import Trainer
+
+from .emt_data import emt_crystals, write_xyz
+
+TINY_MODEL = {"cutoff": 4.0, "num_channels": 6, "l_max": 1, "num_layers": 2, "num_radial": 4, "kernel_hidden": 8}
+
+
+@pytest.fixture(scope="module")
+def emt_file(tmp_path_factory) -> Path:
+    return write_xyz(tmp_path_factory.mktemp("data") / "emt.xyz", emt_crystals(24))
+
+
+def make_config(tmp_path: Path, train_file: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        train_file=str(train_file),
+        output=str(tmp_path / "model.safetensors"),
+        valid_count=6,
+        model=TINY_MODEL,
+        batch_size=4,
+        max_epochs=4,
+        warmup_epochs=1,
+        lr=0.01,
+        dtype="float64",
+        device="cpu",
+        stress_weight=10.0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_log(config: TrainConfig) -> list[dict]:
+    return [json.loads(line) for line in Path(config.output).with_suffix(".metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_loss_and_writes_artifacts(tmp_path, emt_file):
+    config = make_config(tmp_path, emt_file, max_epochs=8)
+    metadata = Trainer(config).run()
+    log = read_log(config)
+    assert len(log) == 8
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+    assert log[-1]["valid_forces_mae_meV_per_A"] < log[0]["valid_forces_mae_meV_per_A"]
+    out = Path(config.output)
+    for suffix in (".md", ".learning_curve.png", ".parity.png"):
+        assert out.with_suffix(suffix).stat().st_size > 500
+    card = out.with_suffix(".md").read_text()
+    assert "forces MAE (meV/Å)" in card and "stress MAE" in card and "rattled" in card
+    assert metadata["validation"]["n_structures"] == 6
+    assert set(metadata["validation_by_config_type"]) == {"rattled", "strained"}
+
+
+def test_checkpoint_reproduces_trained_model(tmp_path, emt_file):
+    config = make_config(tmp_path, emt_file, max_epochs=2)
+    trainer = Trainer(config)
+    trainer.run()
+    ema = trainer.ema.module
+    loaded = Potential.load(config.output)
+    trained = Potential(MLIPModel(ema.config), dtype="float64")
+    trained.model.load_state_dict(ema.state_dict())
+    structures = [s.structure for s in trainer.valid]
+    for a, b in zip(loaded.evaluate(structures, ["energy", "forces", "stress"]), trained.evaluate(structures, ["energy", "forces", "stress"])):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-12)
+    assert Checkpoint(config.output).metadata["training"]["n_train"] == 18
+
+
+def test_resume_continues_where_it_stopped(tmp_path, emt_file):
+    straight = make_config(tmp_path / "a", emt_file, max_epochs=4, scheduler="cosine")
+    Trainer(straight).run()
+    first = make_config(tmp_path / "b", emt_file, max_epochs=2, scheduler="cosine")
+    Trainer(first).run()
+    resumed = make_config(tmp_path / "b", emt_file, max_epochs=4, scheduler="cosine", resume=True)
+    Trainer(resumed).run()
+    assert [r["epoch"] for r in read_log(resumed)] == [0, 1, 2, 3]
+    # same LR schedule: a cosine over max_epochs is the same whether or not it was interrupted
+    a, b = Checkpoint(straight.output), Checkpoint(resumed.output)
+    for name, tensor in a.tensors.items():
+        np.testing.assert_allclose(tensor.numpy(), b.tensors[name].numpy(), atol=1e-10)
+
+
+def test_resume_without_state_is_an_error(tmp_path, emt_file):
+    with pytest.raises(ValueError, match="no training state"):
+        Trainer(make_config(tmp_path, emt_file, resume=True))
+
+
+def test_e0_fit_recovers_known_values():
+    rng = np.random.default_rng(0)
+    e0 = {1: -13.6, 8: -2042.6, 6: -1029.8}
+    samples = []
+    from training.data import Sample
+
+    for _ in range(40):
+        numbers = rng.choice([1, 6, 8], size=rng.integers(2, 9))
+        energy = sum(e0[z] for z in numbers) + rng.normal(scale=1e-3)
+        structure = Structure.from_arrays(numbers, rng.normal(size=(len(numbers), 3)) * 3)
+        samples.append(Sample(structure, energy, np.zeros((len(numbers), 3)), None, "default", 0))
+    fitted = fit_e0s(samples, [1, 6, 8])
+    for z, value in e0.items():
+        assert fitted[z] == pytest.approx(value, abs=5e-3)
+
+
+def test_isolated_atoms_set_e0s(tmp_path):
+    frames = emt_crystals(10)
+    for z, energy in ((29, -1.5), (13, -2.5)):
+        atom = Atoms(numbers=[z], positions=[[0, 0, 0]])
+        atom.calc = SinglePointCalculator(atom, energy=energy, forces=np.zeros((1, 3)))
+        frames.append(atom)
+    config = make_config(tmp_path, write_xyz(tmp_path / "d.xyz", frames), max_epochs=1, valid_count=3, seed=3)
+    trainer = Trainer(config)
+    assert trainer.model_config.e0s == {13: -2.5, 29: -1.5}
+
+
+def run_eval(args: list[str], capsys) -> str:
+    assert cli_main(["eval", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_eval_json_matches_numpy(tmp_path, emt_file, capsys):
+    config = make_config(tmp_path, emt_file, max_epochs=1)
+    Trainer(config).run()
+    out = run_eval(["--checkpoint", config.output, "--data", str(emt_file), "--json", "--batch-size", "5"], capsys)
+    report = json.loads(out.strip().splitlines()[-1])
+    samples = read_samples(emt_file, LabelKeys())
+    potential = Potential.load(config.output)
+    preds = [potential.evaluate([s.structure], ["energy", "forces", "stress"])[0] for s in samples]
+    de = np.array([p["energy"] - s.energy for p, s in zip(preds, samples)])
+    n = np.array([s.num_atoms for s in samples])
+    df = np.concatenate([(p["forces"] - s.forces).ravel() for p, s in zip(preds, samples)])
+    ds = np.concatenate([(p["stress"] - s.stress).ravel() for p, s in zip(preds, samples)])
+    expected = {
+        "n_structures": len(samples),
+        "energy_mae_meV": np.abs(de).mean() * 1e3,
+        "energy_rmse_meV": np.sqrt((de**2).mean()) * 1e3,
+        "energy_mae_meV_per_atom": np.abs(de / n).mean() * 1e3,
+        "energy_rmse_meV_per_atom": np.sqrt(((de / n) ** 2).mean()) * 1e3,
+        "forces_mae_meV_per_A": np.abs(df).mean() * 1e3,
+        "forces_rmse_meV_per_A": np.sqrt((df**2).mean()) * 1e3,
+        "stress_mae_meV_per_A3": np.abs(ds).mean() * 1e3,
+    }
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, rel=1e-9), key
+    table = run_eval(["--checkpoint", config.output, "--data", str(emt_file), "--plot", str(tmp_path / "p.png")], capsys)
+    assert "F MAE meV/Å" in table and "strained" in table and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bad_data_gives_clear_errors(tmp_path, emt_file, capsys):
+    frames = emt_crystals(4)
+    no_forces = [Atoms(a.symbols, a.positions, cell=a.cell, pbc=True) for a in frames]
+    for a, f in zip(no_forces, frames):
+        a.info["energy"] = f.get_potential_energy()
+    with pytest.raises(ValueError, match=r"no_forces.xyz\[0\]: no forces under key 'forces'"):
+        read_samples(write_xyz(tmp_path / "no_forces.xyz", no_forces), LabelKeys())
+
+    nan = emt_crystals(4)
+    nan[2].calc.results["energy"] = float("nan")
+    with pytest.raises(ValueError, match=r"nan.xyz\[2\]: energy label contains NaN"):
+        read_samples(write_xyz(tmp_path / "nan.xyz", nan), LabelKeys())
+
+    config = make_config(tmp_path, emt_file, max_epochs=1)
+    Trainer(config).run()
+    gold = emt_crystals(2)
+    gold[0].numbers[0] = 79
+    write_xyz(tmp_path / "gold.xyz", gold)
+    code = cli_main(["eval", "--checkpoint", config.output, "--data", str(tmp_path / "gold.xyz")])
+    assert code == 2
+    assert "element(s) ['Au'] not supported" in capsys.readouterr().err
+
+
+def test_cli_overrides_and_yaml(tmp_path, emt_file):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"train_file": str(emt_file), "model": TINY_MODEL, "valid_count": 4, "device": "cpu"}))
+    out = tmp_path / "cli.safetensors"
+    code = cli_main(["train", str(path), "--output", str(out), "--max-epochs", "1", "--set", "model.num_channels=4", "--set", "batch_size=6"])
+    assert code == 0
+    ckpt = Checkpoint(out)
+    assert ckpt.config.num_channels == 4 and ckpt.metadata["training"]["config"]["batch_size"] == 6
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_yaml(path, {"learning_rate": 1})
+
+
+def test_torchrun_data_parallel_matches_single_process(tmp_path, emt_file):
+    """2 gloo processes x batch 2 take the same steps as 1 process x batch 4 (equal-size structures)."""
+    base = dict(train_file=str(emt_file), model=TINY_MODEL, valid_count=4, max_epochs=2, device="cpu",
+                dtype="float64", lr=0.01, warmup_epochs=1, clip_grad=None, num_threads=1)
+    single, multi = tmp_path / "single.yaml", tmp_path / "multi.yaml"
+    single.write_text(yaml.safe_dump({**base, "batch_size": 4, "output": str(tmp_path / "single.safetensors")}))
+    multi.write_text(yaml.safe_dump({**base, "batch_size": 2, "output": str(tmp_path / "multi.safetensors")}))
+    assert cli_main(["train", str(single)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mlip.cli", "train", str(multi)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = Checkpoint(tmp_path / "single.safetensors"), Checkpoint(tmp_path / "multi.safetensors")
+    assert b.metadata["training"]["world_size"] == 2
+    for name, tensor in a.tensors.items():
+        np.testing.assert_allclose(b.tensors[name].numpy(), tensor.numpy(), atol=1e-9)

@@ -1,0 +1,1 @@
+"""Training and evaluation of mlip potentials on extended-XYZ DFT data."""

@@ -1,0 +1,48 @@
+"""Data-parallel training with torchrun: process group, sharding and metric reduction."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class Distributed:
+    """World size/rank from torchrun's environment; a no-op when run as one process."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's slice of a global batch."""
+        return items[self.rank :: self.world_size] if self.enabled else items
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's decision (e.g. stop now) for every rank."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
