@@ -27,7 +27,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.worker import BatchWorker
 
-from .serverproc import make_checkpoint
+from .serverproc import make_checkpoint, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,16 @@ def reference(checkpoint) -> Potential:
     return Potential.load(checkpoint)
 
 
-def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` until true; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while client.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.05)
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    wait_until(lambda: client.get("/health/ready").status_code == 200, timeout)
 
 
 @contextmanager
@@ -283,10 +288,7 @@ def test_not_ready_until_loaded_and_warmed_up(monkeypatch, checkpoint):
 
     monkeypatch.setattr(Potential, "evaluate", slow_warm_up)
     with TestClient(create_app(Settings(checkpoint=checkpoint))) as c:
-        deadline = time.monotonic() + 30
-        while not calls:  # the warm-up forward pass has started but not finished
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: bool(calls), 30)  # the warm-up forward pass has started but not finished
         assert c.get("/health/live").status_code == 200
         r = c.get("/health/ready")
         assert r.status_code == 503 and "Retry-After" in r.headers
@@ -300,10 +302,7 @@ def test_failed_load_reported_by_readiness(tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")
     with TestClient(create_app(Settings(checkpoint=broken))) as c:
-        deadline = time.monotonic() + 10
-        while "not a readable checkpoint" not in c.get("/health/ready").text:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: "not a readable checkpoint" in c.get("/health/ready").text)
         assert c.get("/health/ready").status_code == 503
 
 
@@ -358,10 +357,7 @@ def test_queue_full_answers_503_with_retry_after(checkpoint):
             assert gate.entered.wait(10)
             queued = pool.submit(c.post, "/v1/calculate", json={"structures": [good()]})
             worker = c.app.state.registry.models["small"].worker
-            deadline = time.monotonic() + 10
-            while len(worker._queue) < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_until(lambda: len(worker._queue) == 1)
             r = c.post("/v1/calculate", json={"structures": [good()]})
             assert r.status_code == 503 and r.headers["Retry-After"] == "3" and "queue full" in r.json()["error"]["message"]
             gate.release.set()
@@ -405,10 +401,7 @@ def test_unexpected_failure_hits_only_the_bad_structure(client, reference, monke
             bad = pool.submit(client.post, "/v1/calculate", json={"structures": [good(), water]})
             fine = pool.submit(client.post, "/v1/calculate", json={"structures": [good()]})
             worker = client.app.state.registry.models["small"].worker
-            deadline = time.monotonic() + 10
-            while len(worker._queue) < 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_until(lambda: len(worker._queue) == 3)
             gate.release.set()
             assert blocker.result(30).status_code == 200 and fine.result(30).status_code == 200
             r = bad.result(30)
