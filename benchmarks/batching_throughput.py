@@ -1,0 +1,130 @@
+"""Batching throughput: N concurrent aspirin MD clients (WebSocket) against one `mlip serve`, batching on and off.
+
+For each server mode (batching on: the server's defaults; off: ``--max-batch-atoms 1``, so every
+batch holds one structure) and each client count, all clients warm up, start together and run
+velocity Verlet steps for ``--duration-s``. Reports aggregate steps/s, p50/p99 step latency and the
+mean batch size over the timed window (from the server's /metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    Server,
+    aspirin_frames,
+    default_out,
+    machine_info,
+    markdown_table,
+    md_step_times_ms,
+    require_checkpoint,
+    start_md,
+    write_json,
+)
+
+MODES = {"on": [], "off": ["--max-batch-atoms", "1"]}  # extra `mlip serve` flags per batching mode
+MAX_STEPS = 10**9  # clients stop at the deadline, not at a step count
+
+
+def run_clients(server: Server, atoms, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``clients`` MD loops in threads, released together; aggregate rate, latencies and mean batch size."""
+    from mlip.remote import RemoteCalculator
+
+    ready = threading.Barrier(clients + 1)
+    start = threading.Event()
+    step_times: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        calc = RemoteCalculator(server.url, transport="ws")
+        try:
+            dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed + i)
+            md_step_times_ms(dyn, args.warmup_steps)
+            ready.wait()
+            start.wait()
+            step_times[i] = md_step_times_ms(dyn, MAX_STEPS, deadline=deadline)
+        except Exception as err:  # report, do not hang the barrier
+            errors.append(f"client {i}: {type(err).__name__}: {err}")
+            ready.abort()
+        finally:
+            calc.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    batch_sum0, batch_count0 = server.metric_sums("mlip_batch_structures")
+    t0 = time.perf_counter()
+    deadline = t0 + args.duration_s
+    start.set()
+    for t in threads:
+        t.join()
+    wall_s = time.perf_counter() - t0
+    batch_sum1, batch_count1 = server.metric_sums("mlip_batch_structures")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    flat = np.concatenate([np.asarray(t) for t in step_times])
+    return {
+        "clients": clients, "steps": int(flat.size), "wall_s": wall_s, "steps_per_s": flat.size / wall_s,
+        "p50_ms": float(np.percentile(flat, 50)), "p99_ms": float(np.percentile(flat, 99)),
+        "mean_batch_structures": (batch_sum1 - batch_sum0) / max(batch_count1 - batch_count0, 1),
+        "batches": int(batch_count1 - batch_count0),
+    }  # fmt: skip
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Throughput relative to 1 client in the same mode, and batching on / off at the same client count."""
+    rate = {(r["mode"], r["clients"]): r["steps_per_s"] for r in rows}
+    for r in rows:
+        one = rate.get((r["mode"], 1))
+        off = rate.get(("off", r["clients"]))
+        r["vs_1_client"] = r["steps_per_s"] / one if one else None
+        r["on_over_off"] = r["steps_per_s"] / off if r["mode"] == "on" and off else None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--duration-s", type=float, default=15.0, help="timed window per client count")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="per client, before the timed window")
+    parser.add_argument("--timestep-fs", type=float, default=0.5)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--device", default="cpu", help="server device: cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=default_out("batching_throughput"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    checkpoint = require_checkpoint(args.checkpoint)
+    info = machine_info(args.threads)
+    (atoms,) = aspirin_frames(args.data, 1)
+    rows = []
+    for mode in args.modes:
+        with Server(checkpoint, args.threads, args.dtype, MODES[mode], device=args.device) as server:
+            for clients in args.clients:
+                print(f"# batching {mode}: {clients} clients", flush=True)
+                rows.append({"mode": mode, **run_clients(server, atoms, clients, args)})
+    add_ratios(rows)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_json(args.out, {"benchmark": "batching_throughput", "machine": info, "settings": settings, "results": rows})
+    headers = ["batching", "clients", "steps/s (all clients)", "× 1 client", "on/off", "p50 ms", "p99 ms", "mean batch"]
+    print(markdown_table(headers, [[r["mode"], r["clients"], r["steps_per_s"], r["vs_1_client"], r["on_over_off"],
+                                    r["p50_ms"], r["p99_ms"], r["mean_batch_structures"]] for r in rows]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

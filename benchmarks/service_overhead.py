@@ -1,0 +1,147 @@
+"""Service overhead: aspirin MD steps in-process vs through a local `mlip serve` (WebSocket, HTTP msgpack, HTTP JSON).
+
+One server subprocess (same thread count and dtype as the in-process calculator). Each round runs
+``--steps`` velocity Verlet steps from the same start with every transport in turn (order rotated
+per round); overhead is a transport's median ms/step minus the in-process one, paired round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    Server,
+    aspirin_frames,
+    default_out,
+    machine_info,
+    markdown_table,
+    md_step_times_ms,
+    require_checkpoint,
+    set_threads,
+    start_md,
+    summarize_ms,
+    write_json,
+)
+
+TRANSPORTS = {
+    "in-process": "mlip.MLIPCalculator in the benchmark process",
+    "ws": "RemoteCalculator(transport='ws'): one WebSocket session, msgpack frames, positions only per step",
+    "http-msgpack": "RemoteCalculator(transport='http'): POST /v1/calculate, msgpack body, persistent connection",
+    "http-json": "plain httpx loop: POST /v1/calculate with a JSON body (nested lists), persistent connection",
+}
+
+
+class JsonHTTPCalculator(Calculator):
+    """What a client without msgpack does: JSON POST /v1/calculate per evaluation over one httpx.Client."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, url: str, **kwargs: Any):
+        import httpx
+
+        super().__init__(**kwargs)
+        self.client = httpx.Client(base_url=url, timeout=60.0)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        from mlip.calculator import ase_results, wanted_properties
+
+        super().calculate(atoms, properties, system_changes)
+        structure = {
+            "numbers": self.atoms.numbers.tolist(),
+            "positions": self.atoms.positions.tolist(),
+            "cell": self.atoms.cell.array.tolist(),
+            "pbc": [bool(p) for p in self.atoms.pbc],
+        }
+        payload = {"structures": [structure], "properties": wanted_properties(properties, bool(self.atoms.pbc.any()))}
+        response = self.client.post("/v1/calculate", json=payload)
+        response.raise_for_status()
+        (result,) = response.json()["results"]
+        self.results = ase_results(result)
+
+
+def calculator_factories(checkpoint: Path, url: str, dtype: str, device: str) -> dict[str, Callable[[], Calculator]]:
+    """A fresh calculator per transport (the in-process model is loaded once and shared)."""
+    from mlip import MLIPCalculator, Potential
+    from mlip.remote import RemoteCalculator
+
+    potential = Potential.load(checkpoint, device=device, dtype=dtype)
+    return {
+        "in-process": lambda: MLIPCalculator(potential),
+        "ws": lambda: RemoteCalculator(url, transport="ws"),
+        "http-msgpack": lambda: RemoteCalculator(url, transport="http"),
+        "http-json": lambda: JsonHTTPCalculator(url),
+    }
+
+
+def run_rounds(factories: dict[str, Callable[[], Calculator]], atoms, args: argparse.Namespace) -> dict[str, list]:
+    """ABAB rounds: every transport runs ``--steps`` MD steps per round; returns step times (ms) per round."""
+    names = list(args.transports)
+    times: dict[str, list] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            calc = factories[name]()
+            dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed)
+            md_step_times_ms(dyn, args.warmup_steps)
+            times[name].append(md_step_times_ms(dyn, args.steps))
+            if hasattr(calc, "close"):
+                calc.close()
+    return times
+
+
+def summarize(times: dict[str, list]) -> list[dict[str, Any]]:
+    """Per transport: step-time statistics and the overhead over in-process (paired by round)."""
+    base = [np.median(t) for t in times.get("in-process", [])]
+    rows = []
+    for name, rounds in times.items():
+        stats = summarize_ms([t for r in rounds for t in r])
+        medians = [float(np.median(t)) for t in rounds]
+        overheads = [m - b for m, b in zip(medians, base)] if base else []
+        rows.append({"transport": name, **stats, "round_median_ms": medians,
+                     "overhead_ms": float(np.median(overheads)) if overheads else None,
+                     "overhead_rounds_ms": overheads, "steps_per_s": 1e3 / stats["median_ms"]})  # fmt: skip
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS))
+    parser.add_argument("--steps", type=int, default=200, help="timed MD steps per transport per round")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timestep-fs", type=float, default=0.5)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, in-process and in the server")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the server")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=default_out("service_overhead"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    checkpoint = require_checkpoint(args.checkpoint)
+    set_threads(args.threads)
+    info = machine_info(args.threads)
+    (atoms,) = aspirin_frames(args.data, 1)
+    with Server(checkpoint, args.threads, args.dtype, device=args.device) as server:
+        times = run_rounds(calculator_factories(checkpoint, server.url, args.dtype, args.device), atoms, args)
+    rows = summarize(times)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_json(args.out, {"benchmark": "service_overhead", "machine": info, "settings": settings,
+                          "transports": TRANSPORTS, "results": rows})  # fmt: skip
+    headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)"]
+    print(markdown_table(headers, [[r["transport"], r["median_ms"], r["mean_ms"], f"{r['p10_ms']:.3g}–{r['p90_ms']:.3g}",
+                                    r["steps_per_s"], r["overhead_ms"]] for r in rows]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
