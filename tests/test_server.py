@@ -348,6 +348,29 @@ def test_requests_arriving_during_a_batch_form_the_next_batch(reference):
         assert result["energy"] == pytest.approx(reference.evaluate_graphs([graph], ["energy"])[0]["energy"], abs=1e-10)
 
 
+@pytest.mark.parametrize("max_wait_s, expected", [(1.0, [3]), (0.0, [1, 2])])
+def test_max_wait_gathers_requests_arriving_later(reference, max_wait_s, expected):
+    graph = reference.graph(Structure.from_atoms(structures()[0]))
+    batches: list[int] = []
+    original = reference.evaluate_graphs
+    reference.evaluate_graphs = lambda graphs, properties: (batches.append(len(graphs)), original(graphs, properties))[1]
+    worker = BatchWorker(reference, Metrics(), max_wait_s=max_wait_s)
+    worker.start()
+
+    async def run() -> list:
+        first = worker.submit([graph], {"energy"})
+        await asyncio.sleep(0.2)  # without max wait the worker has taken the first one by now
+        rest = worker.submit([graph, graph], {"energy"})
+        return await asyncio.gather(*first, *rest)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        worker.stop()
+        del reference.evaluate_graphs
+    assert batches == expected and len({r["energy"] for r in results}) == 1
+
+
 def test_queue_full_answers_503_with_retry_after(checkpoint):
     with serve(checkpoint, max_queue=1, retry_after_s=3) as c:
         potential = c.app.state.registry.models["small"].potential
