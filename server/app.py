@@ -19,7 +19,7 @@ from mlip import __version__, wire
 
 from .auth import ApiKeys, AuthMiddleware
 from .errors import ApiError
-from .inputs import build_graphs, decode_body, evaluate, parse, read_body
+from .inputs import build_graphs, decode_body, evaluate, off_loop, parse, read_body
 from .metrics import Metrics, MetricsMiddleware
 from .models import ModelRegistry
 from .schemas import CalculateRequest, CalculateResponse, ErrorResponse, ModelsResponse, StreamStart, StreamStep
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = await read_body(request, settings.max_body_bytes)
         data = parse(CALCULATE_REQUEST, decode_body(body, request.headers.get("content-type")))
         served = registry.get(data.model)
-        graphs = await run_in_threadpool(build_graphs, served.potential, settings, data.structures)
+        atoms = sum(len(s.numbers) for s in data.structures)
+        graphs = await off_loop(atoms, build_graphs, served.potential, settings, data.structures)
         results = await evaluate(served, settings, graphs, data.properties, "structures")
         return encode({"model": served.ref, "results": results}, request.headers.get("accept"))
 

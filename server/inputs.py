@@ -7,11 +7,12 @@ unknown elements, overlapping atoms) happens here, before the worker sees anythi
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import orjson
 from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from mlip import AtomicGraph, Potential, Structure, wire
@@ -22,6 +23,7 @@ from .settings import Settings
 from .worker import QueueFull
 
 T = TypeVar("T")
+INLINE_ATOMS = 256  # smaller requests build graphs on the event loop: a thread-pool hop costs more than the work
 # First words of mlip's ValueError messages -> the input field they are about.
 _MESSAGE_FIELDS = {"numbers": "numbers", "positions": "positions", "cell": "cell", "periodic": "cell", "element(s)": "numbers", "atoms": "positions"}
 
@@ -97,6 +99,11 @@ def build_graphs(potential: Potential, settings: Settings, structures: list) -> 
         except ApiError as err:
             raise err.within(f"structures[{i}]") from err
     return graphs
+
+
+async def off_loop(atoms: int, build: Callable[..., T], *args: Any) -> T:
+    """Run ``build(*args)`` inline for small inputs, else on the thread pool so the event loop stays free."""
+    return build(*args) if atoms <= INLINE_ATOMS else await run_in_threadpool(build, *args)
 
 
 async def evaluate(

@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter
-from starlette.concurrency import run_in_threadpool
 
-from mlip import wire
+from mlip import AtomicGraph, wire
 
 from .errors import ApiError
-from .inputs import build_graph, evaluate, parse
+from .inputs import build_graph, evaluate, off_loop, parse
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .schemas import StreamMessage, StreamStart, StreamStep
@@ -56,8 +55,9 @@ class StreamSession:
 
     async def _start(self, message: StreamStart) -> dict[str, Any]:
         served = self.registry.get(message.model)
-        graph = await run_in_threadpool(
-            build_graph, served.potential, self.settings, message.numbers, message.positions, message.cell, message.pbc
+        graph = await off_loop(
+            len(message.numbers), build_graph, served.potential, self.settings,
+            message.numbers, message.positions, message.cell, message.pbc,
         )
         self.served, self.numbers, self.cell, self.pbc = served, message.numbers, message.cell, message.pbc
         self.properties = list(message.properties)
@@ -68,13 +68,13 @@ class StreamSession:
             raise ApiError(400, "type", "send a 'start' message (numbers, positions, ...) before any 'step'")
         cell = self.cell if message.cell is None else message.cell
         pbc = self.pbc if message.pbc is None else message.pbc
-        graph = await run_in_threadpool(
-            build_graph, self.served.potential, self.settings, self.numbers, message.positions, cell, pbc
+        graph = await off_loop(
+            len(self.numbers), build_graph, self.served.potential, self.settings, self.numbers, message.positions, cell, pbc
         )
         self.cell, self.pbc = cell, pbc
         return await self._evaluate(graph)
 
-    async def _evaluate(self, graph) -> dict[str, Any]:
+    async def _evaluate(self, graph: AtomicGraph) -> dict[str, Any]:
         assert self.served is not None
         (result,) = await evaluate(self.served, self.settings, [graph], self.properties, None)
         return {"type": "result", "model": self.served.ref, "results": result}
