@@ -22,11 +22,13 @@ class MLIPCalculator(Calculator):
         checkpoint: str | Path | Potential,
         device: str = "cpu",
         dtype: str = "float64",
+        compile: bool = False,
         **kwargs,
     ):
+        """``compile=True`` runs the model through torch.compile: faster steps after a slow first call."""
         super().__init__(**kwargs)
         self.potential = (
-            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype)
+            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile)
         )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

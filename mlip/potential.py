@@ -46,20 +46,23 @@ class Potential:
         name: str = "model",
         sha256: str = "",
         metadata: dict | None = None,
+        compile: bool = False,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # torch.compile fuses the many small e3nn ops (~1.8x on aspirin, CPU); the first call compiles
+        self.energy_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self.config = model.config
         self.species_index = SpeciesIndex(self.config.species)
         self.name, self.sha256, self.metadata = name, sha256, metadata or {}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float64") -> "Potential":
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False) -> "Potential":
         ckpt = Checkpoint(path)
-        return cls(ckpt.build_model(), device, dtype, Path(path).stem, ckpt.sha256, ckpt.metadata)
+        return cls(ckpt.build_model(), device, dtype, Path(path).stem, ckpt.sha256, ckpt.metadata, compile)
 
     @property
     def cutoff(self) -> float:
@@ -86,7 +89,7 @@ class Potential:
             return []
         graph = batch_graphs(list(graphs)).to(self.device, self.dtype)
         want_stress = "stress" in properties and bool(graph.pbc.any())
-        out = compute_properties(self.model, graph, forces="forces" in properties, stress=want_stress)
+        out = compute_properties(self.energy_model, graph, forces="forces" in properties, stress=want_stress)
         counts = graph.num_atoms.tolist()
         energy = out["energy"].detach().cpu().numpy()
         per_atom = {

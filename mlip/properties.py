@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from .graph import AtomicGraph
-from .model import MLIPModel
 
 
 def compute_properties(
-    model: MLIPModel,
+    model: torch.nn.Module,  # MLIPModel, or a compiled / DDP-wrapped one
     graph: AtomicGraph,
     forces: bool = True,
     stress: bool = False,

@@ -28,14 +28,10 @@ class PolynomialCutoff(nn.Module):
     def __init__(self, cutoff: float, power: int = 6) -> None:
         super().__init__()
         self.cutoff = cutoff
-        self.p = float(power)
+        p = self.power = int(power)  # integer exponents keep the envelope traceable by torch.compile
+        self.c0, self.c1, self.c2 = (p + 1) * (p + 2) / 2, p * (p + 2), p * (p + 1) / 2
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        p, x = self.p, r / self.cutoff
-        envelope = (
-            1.0
-            - (p + 1.0) * (p + 2.0) / 2.0 * x.pow(p)
-            + p * (p + 2.0) * x.pow(p + 1.0)
-            - p * (p + 1.0) / 2.0 * x.pow(p + 2.0)
-        )
+        x, p = r / self.cutoff, self.power
+        envelope = 1.0 - self.c0 * x.pow(p) + self.c1 * x.pow(p + 1) - self.c2 * x.pow(p + 2)
         return envelope * (x < 1.0)

@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "float64"], help="evaluation precision (default float64)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--compile", action="store_true", default=None,
+        help="torch.compile the model (~1.8x lower latency on CPU; warm-up takes minutes)",
+    )
     parser.add_argument("--max-batch-atoms", type=int, help="atom budget of one micro-batch (default 4096)")
     parser.add_argument("--max-wait-ms", type=float, help="wait to gather larger batches, ms (default 0)")
     parser.add_argument("--max-queue", type=int, help="structures waiting per model before 503 (default 1024)")

@@ -78,7 +78,7 @@ class ModelRegistry:
             torch.set_num_threads(s.torch_threads)
         try:
             for path in s.checkpoint_paths():
-                potential = Potential.load(path, device=s.device, dtype=s.dtype)
+                potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile)
                 warm_up(potential)
                 worker = BatchWorker(potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue)
                 worker.start()

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["float32", "float64"] = "float64"
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    compile: bool = Field(False, description="torch.compile the model: lower latency, slower start-up")
 
     max_batch_atoms: int = Field(4096, ge=1, description="atom budget of one micro-batch")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait (ms) to gather a larger batch; 0 = none")

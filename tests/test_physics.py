@@ -170,3 +170,15 @@ def test_parity_option_keeps_invariance(parity, molecule_atoms):
     a, b = evaluate(potential, molecule_atoms), evaluate(potential, moved)
     assert b["energy"] == pytest.approx(a["energy"], abs=1e-9)
     np.testing.assert_allclose(b["forces"], a["forces"] @ rot.T, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager(model, molecule_atoms, crystal_atoms):
+    """torch.compile (opt-in, for speed) gives the same energies, forces and stress as eager mode."""
+    eager, compiled = Potential(model), Potential(model, compile=True)
+    structures = [Structure.from_atoms(a) for a in (molecule_atoms, crystal_atoms)]
+    props = ["energy", "forces", "stress"]
+    for batch in (structures, structures[:1]):  # two batch shapes: dynamic shapes, no recompilation error
+        for a, b in zip(eager.evaluate(batch, props), compiled.evaluate(batch, props)):
+            for key in a:
+                np.testing.assert_allclose(b[key], a[key], atol=1e-9, rtol=1e-9)
