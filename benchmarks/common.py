@@ -329,50 +329,24 @@ def require_checkpoint(path: Path) -> Path:
     return Path(path)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """`mlip serve` on 127.0.0.1 in a subprocess (same thread count as the benchmark), ready on enter."""
+    """`mlip serve` on a free 127.0.0.1 port (server.process) with the benchmark's device, dtype and threads."""
 
     def __init__(
-        self, checkpoint: Path, threads: int, dtype: str, extra_args: Sequence[str] = (), device: str = "cpu",
-        timeout_s: float = 180.0,
-    ):  # fmt: skip
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = [
-            sys.executable, "-m", "mlip.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-            "--port", str(self.port), "--device", device, "--dtype", dtype, "--log-level", "warning", *extra_args,
-        ]  # fmt: skip
-        self.threads, self.timeout_s = threads, timeout_s
-        self.proc: subprocess.Popen | None = None
+        self, checkpoint: Path, threads: int, dtype: str, extra_args: Sequence[str] = (), device: str = "cpu"
+    ):
+        from server.process import ServerProcess
+
+        args = ["--checkpoint", str(checkpoint), "--device", device, "--dtype", dtype, "--log-level", "warning"]
+        self.process = ServerProcess([*args, *extra_args], env=thread_env(threads))
+        self.url = self.process.url
 
     def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.argv, env=thread_env(self.threads), cwd=REPO_ROOT)
-        self._wait_ready()
+        self.process.start(timeout_s=180.0)
         return self
 
-    def _wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlip serve exited with code {self.proc.returncode}: {' '.join(self.argv)}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"mlip serve not ready after {self.timeout_s} s")
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
 
     def metric_sums(self, name: str) -> tuple[float, float]:
         """(sum, count) of a Prometheus histogram from /metrics, added over its labels."""
@@ -385,12 +359,3 @@ class Server:
                 if line.startswith(name + suffix):
                     totals[suffix] += float(line.rsplit(" ", 1)[1])
         return totals["_sum"], totals["_count"]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

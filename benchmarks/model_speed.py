@@ -100,7 +100,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "float64"), default=["float32", "float64"])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["ours", "mace-small", "mace-medium"],
+                        help="ours-compiled (torch.compile, minutes of warm-up) is opt-in")
     parser.add_argument("--stage", choices=STAGES, default="model",
                         help="model: prebuilt graph -> energy+forces; full: neighbour list and batching included")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

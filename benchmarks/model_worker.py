@@ -17,7 +17,7 @@ from ase.io import read
 
 from common import SPECIES, claim_stdout, peak_rss_mb, set_threads, worker_loop
 
-MODELS = ("ours", "mace-small", "mace-medium")
+MODELS = ("ours", "ours-compiled", "mace-small", "mace-medium")  # ours-compiled: Potential(compile=True)
 MACE_HIDDEN_IRREPS = {"mace-small": "64x0e", "mace-medium": "128x0e+128x1o"}
 STAGES = ("model", "full")  # model: prebuilt graph -> energy+forces; full: also neighbour list + batching
 CUTOFF_A = 5.0
@@ -26,11 +26,12 @@ Evaluator = Callable[[], Any]
 Built = tuple[Evaluator, dict[str, Any], torch.nn.Module]  # evaluate(), its info, the torch module inside
 
 
-def ours_evaluator(frames: list, dtype: str, stage: str, device: str) -> Built:
+def ours_evaluator(frames: list, dtype: str, stage: str, device: str, compile: bool = False) -> Built:
     """Our default ModelConfig (random weights) behind mlip.Potential; energy + forces as numpy."""
     from mlip import MLIPModel, ModelConfig, Potential, Structure, batch_graphs
 
-    potential = Potential(MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A)), device=device, dtype=dtype)
+    model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A))
+    potential = Potential(model, device=device, dtype=dtype, compile=compile)
 
     def build():
         return batch_graphs([potential.graph(Structure.from_atoms(a)) for a in frames])
@@ -104,8 +105,10 @@ def mace_evaluator(frames: list, preset: str, dtype: str, stage: str, device: st
 def make_evaluator(model: str, frames: list, dtype: str, stage: str, device: str = "cpu", seed: int = 0) -> Built:
     """Build ``model`` (random weights from ``seed``) and a no-argument energy+forces call on ``frames``."""
     torch.manual_seed(seed)
-    build = ours_evaluator if model == "ours" else lambda *a: mace_evaluator(a[0], model, *a[1:])
-    evaluate, info, module = build(frames, dtype, stage, device)
+    if model.startswith("ours"):
+        evaluate, info, module = ours_evaluator(frames, dtype, stage, device, compile=model == "ours-compiled")
+    else:
+        evaluate, info, module = mace_evaluator(frames, model, dtype, stage, device)
     return evaluate, {**info, "n_atoms": sum(len(a) for a in frames), "n_structures": len(frames)}, module
 
 
@@ -114,8 +117,8 @@ def worker_command(model: str, structures: Path, dtype: str, args: argparse.Name
 
     ``args`` supplies the driver's device, threads, mace_python and (optionally) stage.
     """
-    python = sys.executable if model == "ours" else str(args.mace_python)
-    if model != "ours" and not Path(python).exists():
+    python = sys.executable if model.startswith("ours") else str(args.mace_python)
+    if not Path(python).exists():
         raise SystemExit(f"MACE venv not found at {python}: see benchmarks/README.md (or pass --mace-python)")
     return [
         python, str(Path(__file__).resolve()), "--model", model, "--structures", str(structures),
