@@ -30,9 +30,15 @@ from .statistics import average_num_neighbors, fit_e0s, force_rms, isolated_atom
 
 
 def hardware_description(device: torch.device) -> str:
+    """GPU name, or CPU model name and torch thread count, for the model card."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} CPUs)" if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def resolve_e0s(setting, train: list[Sample], species: list[int]) -> tuple[dict[int, float], str]:
