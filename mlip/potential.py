@@ -53,7 +53,7 @@ class Potential:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        # torch.compile fuses the many small e3nn ops (~1.8x on aspirin, CPU); the first call compiles
+        # torch.compile fuses the many small e3nn ops (1.3x on aspirin float32, 2 CPU threads); the first call compiles
         self.energy_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self.config = model.config
         self.species_index = SpeciesIndex(self.config.species)

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--compile", action="store_true", default=None,
-        help="torch.compile the model (~1.8x lower latency on CPU; warm-up takes minutes)",
+        help="torch.compile the model (lower per-call overhead: 1.3x on aspirin float32, 2 CPU threads; warm-up takes minutes)",
     )
     parser.add_argument("--max-batch-atoms", type=int, help="atom budget of one micro-batch (default 4096)")
     parser.add_argument("--max-wait-ms", type=float, help="wait to gather larger batches, ms (default 0)")
