@@ -44,5 +44,7 @@ class Distributed:
         return bool(t.item())
 
     def close(self) -> None:
+        """Wait for every rank (rank 0 may still be writing files), then tear the group down together."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
