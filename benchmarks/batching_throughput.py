@@ -11,21 +11,19 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common import (
-    DEFAULT_CHECKPOINT,
-    DEFAULT_DATA,
     Server,
     aspirin_frames,
-    default_out,
     machine_info,
     markdown_table,
+    md_parser,
     md_step_times_ms,
     require_checkpoint,
+    settings_of,
     start_md,
     write_json,
 )
@@ -91,19 +89,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser = md_parser(__doc__.splitlines()[0], "batching_throughput")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--duration-s", type=float, default=15.0, help="timed window per client count")
     parser.add_argument("--warmup-steps", type=int, default=3, help="per client, before the timed window")
-    parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--device", default="cpu", help="server device: cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the server")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=default_out("batching_throughput"))
     return parser.parse_args()
 
 
@@ -119,7 +112,7 @@ def main() -> None:
                 print(f"# batching {mode}: {clients} clients", flush=True)
                 rows.append({"mode": mode, **run_clients(server, atoms, clients, args)})
     add_ratios(rows)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = settings_of(args)
     write_json(args.out, {"benchmark": "batching_throughput", "machine": info, "settings": settings, "results": rows})
     headers = ["batching", "clients", "steps/s (all clients)", "× 1 client", "on/off", "p50 ms", "p99 ms", "mean batch"]
     print(markdown_table(headers, [[r["mode"], r["clients"], r["steps_per_s"], r["vs_1_client"], r["on_over_off"],

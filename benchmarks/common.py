@@ -5,6 +5,7 @@ Importable from both the project venv and the MACE venv (stdlib, numpy and ase o
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -317,6 +318,22 @@ def md_step_times_ms(dyn, steps: int, deadline: float = float("inf")) -> list[fl
 
 
 # ---------------------------------------------------------------- a local `mlip serve` subprocess
+
+
+def md_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """Parser with the options every aspirin-MD benchmark shares: checkpoint, data, timestep, seed, output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser.add_argument("--timestep-fs", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=default_out(name))
+    return parser
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line settings as JSON-ready values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def require_checkpoint(path: Path) -> Path:

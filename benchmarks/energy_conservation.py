@@ -15,14 +15,13 @@ import numpy as np
 from ase import units
 
 from common import (
-    DEFAULT_CHECKPOINT,
-    DEFAULT_DATA,
     aspirin_frames,
-    default_out,
     machine_info,
     markdown_table,
+    md_parser,
     require_checkpoint,
     set_threads,
+    settings_of,
     start_md,
     write_json,
 )
@@ -92,17 +91,12 @@ def plot(runs: list[dict[str, Any]], n_atoms: int, title: str, path: Path) -> No
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser = md_parser(__doc__.splitlines()[0], "energy_conservation")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "float64"), default=["float64", "float32"])
     parser.add_argument("--steps", type=int, default=20000, help="MD steps (20000 x 0.5 fs = 10 ps)")
-    parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--temperature-K", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature")
     parser.add_argument("--log-every", type=int, default=10, help="record energies every N steps")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=default_out("energy_conservation"))
     return parser.parse_args()
 
 
@@ -117,7 +111,7 @@ def main() -> None:
         print(f"# NVE {dtype}: {args.steps} steps of {args.timestep_fs} fs", flush=True)
         run = run_nve(checkpoint, atoms, dtype, args)
         runs.append({**run, **drift_stats(run, len(atoms))})
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = settings_of(args)
     write_json(args.out, {"benchmark": "energy_conservation", "machine": info, "settings": settings, "runs": runs})
     plot(runs, len(atoms), f"aspirin NVE, {args.timestep_fs} fs, {checkpoint.name} ({info['commit']})",
          args.out.with_suffix(".png"))  # fmt: skip

@@ -15,16 +15,15 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from common import (
-    DEFAULT_CHECKPOINT,
-    DEFAULT_DATA,
     Server,
     aspirin_frames,
-    default_out,
     machine_info,
     markdown_table,
+    md_parser,
     md_step_times_ms,
     require_checkpoint,
     set_threads,
+    settings_of,
     start_md,
     summarize_ms,
     write_json,
@@ -110,19 +109,14 @@ def summarize(times: dict[str, list]) -> list[dict[str, Any]]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="rMD17 aspirin extxyz (first frame starts MD)")
+    parser = md_parser(__doc__.splitlines()[0], "service_overhead")
     parser.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS))
     parser.add_argument("--steps", type=int, default=200, help="timed MD steps per transport per round")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, in-process and in the server")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the server")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=default_out("service_overhead"))
     return parser.parse_args()
 
 
@@ -135,7 +129,7 @@ def main() -> None:
     with Server(checkpoint, args.threads, args.dtype, device=args.device) as server:
         times = run_rounds(calculator_factories(checkpoint, server.url, args.dtype, args.device), atoms, args)
     rows = summarize(times)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = settings_of(args)
     write_json(args.out, {"benchmark": "service_overhead", "machine": info, "settings": settings,
                           "transports": TRANSPORTS, "results": rows})  # fmt: skip
     headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)"]
