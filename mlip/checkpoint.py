@@ -76,8 +76,8 @@ class Checkpoint:
         self.dtype = header.get("dtype", "float64")
 
     def build_model(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> MLIPModel:
-        """Instantiate the model and load the verified weights (in their stored precision, then cast)."""
-        model = MLIPModel(self.config).to(dtype=next(iter(self.tensors.values())).dtype)
+        """Instantiate the model (float64) and load the verified weights into it, then cast."""
+        model = MLIPModel(self.config)
         model.load_state_dict(self.tensors, strict=True)
         return model.to(device=device, dtype=dtype).eval()
 

@@ -17,13 +17,15 @@ class ModelConfig:
     species: list[int]
     cutoff: float = 5.0  # Å, radial cutoff of every interaction
     num_channels: int = 64  # multiplicity of every irrep in the hidden features
-    l_max: int = 2  # highest spherical-harmonic order of features and kernels
+    l_max: int = 1  # highest order l of the features passed between interactions
+    sh_l_max: int = 2  # highest order of the edge spherical harmonics and of the atomic basis A
+    correlation: int = 3  # body order ν of the product basis: features up to (ν+1)-body per layer
     num_layers: int = 2  # message-passing interactions (the last one outputs scalars only)
-    num_radial: int = 8  # Bessel radial basis functions
+    num_radial: int = 8  # Bessel radial basis functions (trainable frequencies)
     cutoff_power: int = 6  # polynomial envelope exponent (smoothness at the cutoff)
     species_embed_dim: int = 8  # species embedding seen by the implicit kernel MLP
     kernel_hidden: int = 64  # width of the implicit kernel MLP
-    kernel_layers: int = 2  # hidden layers of the implicit kernel MLP
+    kernel_layers: int = 3  # hidden layers of the implicit kernel MLP
     readout_hidden: int = 16  # width of the final per-atom energy MLP
     parity: bool = False  # True: hidden features carry both parities per l (NequIP "parity: true")
     avg_num_neighbors: float = 10.0  # message normalisation, set from training data
@@ -42,8 +44,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.species must be atomic numbers 1..118, got {self.species}")
         if self.cutoff <= 0:
             raise ValueError(f"ModelConfig.cutoff must be positive (Å), got {self.cutoff}")
-        if self.l_max < 0 or self.num_layers < 1 or self.num_channels < 1:
-            raise ValueError("ModelConfig needs l_max >= 0, num_layers >= 1, num_channels >= 1")
+        if self.l_max < 0 or self.num_layers < 1 or self.num_channels < 1 or self.correlation < 1:
+            raise ValueError("ModelConfig needs l_max >= 0, num_layers >= 1, num_channels >= 1, correlation >= 1")
+        if not 0 <= self.l_max <= self.sh_l_max <= 6:
+            raise ValueError(f"ModelConfig needs 0 <= l_max <= sh_l_max <= 6, got {self.l_max} and {self.sh_l_max}")
+        if self.correlation < 2 and (self.num_layers < 2 or self.l_max < 1):
+            raise ValueError(
+                "this model would see distances only, never angles: use correlation >= 2, "
+                "or num_layers >= 2 with l_max >= 1"
+            )
         unknown = set(self.e0s) - set(self.species)
         if unknown:
             raise ValueError(f"ModelConfig.e0s names elements not in species: {sorted(unknown)}")

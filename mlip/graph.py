@@ -10,9 +10,14 @@ from ase.data import chemical_symbols
 
 from .neighbors import neighbor_list
 
-MIN_DISTANCE = 1e-4  # Å; closer atoms are treated as overlapping (invalid input)
+MIN_DISTANCE = 0.1  # Å; closer atoms overlap: no chemistry happens there (invalid input)
 MIN_VOLUME = 1e-6  # Å³; smaller periodic cells are degenerate
+MAX_EXTENT = 1000.0  # Å; longest periodic cell vector, widest span of positions along a non-periodic axis
+MAX_COORDINATE = 1e5  # Å; largest |position| component (periodic structures are wrapped, but not from anywhere)
+MAX_NEIGHBORS_PER_ATOM = 1000  # ~10x the density of diamond at r_c = 5 Å: beyond it the input is not matter
+DEFAULT_MAX_EDGES = 10_000_000  # directed edges of one graph (~GBs of activations) unless the caller sets a limit
 PER_ATOM_TARGETS = ("forces",)  # every other target is per structure
+FLOAT64_TARGETS = ("energy", "stress")  # totals of ~1e4 eV: float32 would round labels to ~2 meV
 
 
 @dataclass
@@ -44,10 +49,22 @@ class Structure:
         if not np.isfinite(cell).all():
             raise ValueError("cell contains NaN or inf")
         pbc = np.zeros(3, dtype=bool) if pbc is None else np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        if positions.size and np.abs(positions).max() > MAX_COORDINATE:
+            raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {np.abs(positions).max():.3g} Å")
         if pbc.any():
             volume = abs(np.linalg.det(cell))
             if volume < MIN_VOLUME:
                 raise ValueError(f"periodic cell has zero volume ({volume:.3g} Å³): cell vectors are degenerate")
+            lengths = np.linalg.norm(cell[pbc], axis=1)
+            if lengths.max() > MAX_EXTENT:
+                raise ValueError(f"cell vectors longer than {MAX_EXTENT:g} Å are not supported, got {lengths.max():.3g} Å")
+        if len(positions) > 1:
+            spans = np.ptp(positions, axis=0)[~pbc]
+            if spans.size and spans.max() > MAX_EXTENT:
+                raise ValueError(
+                    f"positions span {spans.max():.3g} Å along a non-periodic axis, more than {MAX_EXTENT:g} Å: "
+                    "atoms that far apart do not interact; evaluate the fragments separately"
+                )
         if (numbers < 1).any() or (numbers > 118).any():
             raise ValueError(f"numbers must be atomic numbers 1..118, got {sorted(set(numbers.tolist()))}")
         return cls(numbers, positions, cell, pbc)
@@ -80,13 +97,18 @@ class AtomicGraph:
         return int(self.num_atoms.shape[0])
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "AtomicGraph":
-        """Move to a device; floating tensors (positions, cell, shifts, targets) also to ``dtype``."""
+        """Move to a device; floating tensors (positions, cell, shifts, forces) also to ``dtype``.
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        Energy and stress targets stay float64: the model's energies are float64 whatever its dtype.
+        """
+
+        def move(t: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:
+            cast = dtype is not None and t.is_floating_point() and not keep_float64
+            return t.to(device=device, dtype=dtype if cast else None)
 
         moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "targets"}
-        return replace(self, **moved, targets={k: move(v) for k, v in self.targets.items()})
+        targets = {k: move(v, k in FLOAT64_TARGETS) for k, v in self.targets.items()}
+        return replace(self, **moved, targets=targets)
 
 
 class SpeciesIndex:
@@ -106,12 +128,50 @@ class SpeciesIndex:
         return index
 
 
+def estimate_edges(structure: Structure, cutoff: float) -> float:
+    """Directed edges expected at uniform density: N² · (4/3 π r_c³) / V.
+
+    V is the cell volume over periodic axes and max(span, r_c) over the others, so a tiny periodic
+    cell (every atom sees thousands of its images) or a dense clump is caught before the neighbour
+    search allocates anything.
+    """
+    n = len(structure.numbers)
+    if n == 0:
+        return 0.0
+    spans = np.maximum(np.ptp(structure.positions, axis=0), cutoff)
+    axes = np.where(structure.pbc[:, None], structure.cell, np.diag(spans))
+    volume = max(abs(float(np.linalg.det(axes))), MIN_VOLUME)
+    return n * n * (4.0 / 3.0) * np.pi * cutoff**3 / volume
+
+
 def build_graph(
-    structure: Structure, species_index: SpeciesIndex, cutoff: float, targets: dict | None = None
+    structure: Structure,
+    species_index: SpeciesIndex,
+    cutoff: float,
+    targets: dict | None = None,
+    max_edges: int = DEFAULT_MAX_EDGES,
 ) -> AtomicGraph:
-    """Neighbour list + species lookup for one structure (float64 tensors on the CPU)."""
+    """Neighbour list + species lookup for one structure (float64 tensors on the CPU).
+
+    Raises ``ValueError`` before the neighbour search when the structure would have more than
+    ``max_edges`` edges (estimated), and after it when the real count exceeds it.
+    """
     species = species_index(structure.numbers)
+    estimate = estimate_edges(structure, cutoff)
+    per_atom = estimate / max(len(species), 1)
+    if per_atom > MAX_NEIGHBORS_PER_ATOM:
+        raise ValueError(
+            f"structure too dense: about {per_atom:.3g} neighbours per atom within {cutoff:g} Å, more than "
+            f"{MAX_NEIGHBORS_PER_ATOM} (a periodic cell much smaller than the cutoff, or atoms piled up?)"
+        )
+    if estimate > max_edges:
+        raise ValueError(
+            f"structure too large: about {estimate:.3g} neighbour pairs within {cutoff:g} Å, more than the limit of "
+            f"{max_edges}"
+        )
     receiver, sender, shifts = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+    if len(receiver) > max_edges:
+        raise ValueError(f"structure has {len(receiver)} neighbour pairs within {cutoff:g} Å, more than the limit of {max_edges}")
     if len(receiver):
         vectors = structure.positions[sender] - structure.positions[receiver] + shifts @ structure.cell
         lengths = np.linalg.norm(vectors, axis=1)
@@ -130,7 +190,8 @@ def build_graph(
         batch=torch.zeros(len(species), dtype=torch.int64),
         num_atoms=torch.tensor([len(species)]),
         targets={
-            k: torch.as_tensor(v) if k in PER_ATOM_TARGETS else torch.as_tensor(v).unsqueeze(0)
+            k: torch.as_tensor(np.asarray(v, dtype=np.float64)) if k in PER_ATOM_TARGETS
+            else torch.as_tensor(np.asarray(v, dtype=np.float64)).unsqueeze(0)
             for k, v in (targets or {}).items()
         },
     )

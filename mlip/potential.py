@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .graph import AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
+from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
 from .model import MLIPModel
 from .properties import compute_properties
 
@@ -68,8 +68,9 @@ class Potential:
     def cutoff(self) -> float:
         return self.config.cutoff
 
-    def graph(self, structure: Structure) -> AtomicGraph:
-        return build_graph(structure, self.species_index, self.cutoff)
+    def graph(self, structure: Structure, max_edges: int = DEFAULT_MAX_EDGES) -> AtomicGraph:
+        """The structure's neighbour-list graph; ``ValueError`` if it would exceed ``max_edges`` edges."""
+        return build_graph(structure, self.species_index, self.cutoff, max_edges=max_edges)
 
     def evaluate(
         self, structures: Sequence[Structure], properties: Iterable[str] = ("energy", "forces")

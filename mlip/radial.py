@@ -9,13 +9,13 @@ from torch import nn
 
 
 class BesselBasis(nn.Module):
-    """sqrt(2/r_c) sin(n π r / r_c) / r for n = 1..num_radial (DimeNet/NequIP)."""
+    """sqrt(2/r_c) sin(ω_n r) / r, ω_n initialised to n π / r_c (n = 1..num_radial) and trained (NequIP/MACE)."""
 
     def __init__(self, cutoff: float, num_radial: int) -> None:
         super().__init__()
         self.cutoff = cutoff
         self.prefactor = math.sqrt(2.0 / cutoff)
-        self.register_buffer("frequencies", torch.arange(1, num_radial + 1) * math.pi / cutoff)
+        self.frequencies = nn.Parameter(torch.arange(1, num_radial + 1) * math.pi / cutoff)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         r = r.unsqueeze(-1)

@@ -69,9 +69,17 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
+# Container caps: a body of millions of empty maps would otherwise cost GBs and seconds to decode.
+MAX_ARRAY_LEN = 1 << 18  # list items (positions as nested lists: one item per atom)
+MAX_MAP_LEN = 64  # keys of one map
+
+
 def unpackb(data: bytes) -> Any:
     """Decode msgpack; raw-bytes array maps come back as numpy arrays. ``ValueError`` if malformed."""
     try:
-        return msgpack.unpackb(data, raw=False, object_hook=_object_hook, strict_map_key=True)
+        return msgpack.unpackb(
+            data, raw=False, object_hook=_object_hook, strict_map_key=True,
+            max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+        )
     except Exception as err:  # msgpack raises several unrelated types (ExtraData, FormatError, TypeError ...)
         raise ValueError(f"invalid msgpack: {err}") from err

@@ -88,10 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def calculate(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes)
-        data = parse(CALCULATE_REQUEST, decode_body(body, request.headers.get("content-type")))
+        data = await off_loop(lambda: parse(CALCULATE_REQUEST, decode_body(body, request.headers.get("content-type"))))
         served = registry.get(data.model)
-        atoms = sum(len(s.numbers) for s in data.structures)
-        graphs = await off_loop(atoms, build_graphs, served.potential, settings, data.structures)
+        graphs = await off_loop(build_graphs, served.potential, settings, data.structures)
         results = await evaluate(served, settings, graphs, data.properties, "structures")
         return encode({"model": served.ref, "results": results}, request.headers.get("accept"))
 

@@ -23,9 +23,11 @@ from .settings import Settings
 from .worker import QueueFull
 
 T = TypeVar("T")
-INLINE_ATOMS = 256  # smaller requests build graphs on the event loop: a thread-pool hop costs more than the work
 # First words of mlip's ValueError messages -> the input field they are about.
-_MESSAGE_FIELDS = {"numbers": "numbers", "positions": "positions", "cell": "cell", "periodic": "cell", "element(s)": "numbers", "atoms": "positions"}
+_MESSAGE_FIELDS = {
+    "numbers": "numbers", "positions": "positions", "cell": "cell", "periodic": "cell",
+    "element(s)": "numbers", "atoms": "positions", "structure": "positions",
+}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -80,7 +82,7 @@ def build_graph(
     if len(numbers) > settings.max_atoms_per_structure:
         raise ApiError(413, "numbers", f"{len(numbers)} atoms exceed the limit of {settings.max_atoms_per_structure} per structure")
     try:
-        return potential.graph(Structure.from_arrays(numbers, positions, cell, pbc))
+        return potential.graph(Structure.from_arrays(numbers, positions, cell, pbc), settings.max_edges_per_structure)
     except ValueError as err:
         raise ApiError(422, _field_of(str(err)), str(err)) from err
 
@@ -101,9 +103,9 @@ def build_graphs(potential: Potential, settings: Settings, structures: list) -> 
     return graphs
 
 
-async def off_loop(atoms: int, build: Callable[..., T], *args: Any) -> T:
-    """Run ``build(*args)`` inline for small inputs, else on the thread pool so the event loop stays free."""
-    return build(*args) if atoms <= INLINE_ATOMS else await run_in_threadpool(build, *args)
+async def off_loop(build: Callable[..., T], *args: Any) -> T:
+    """Run ``build(*args)`` on the thread pool: the event loop keeps answering health probes meanwhile."""
+    return await run_in_threadpool(build, *args)
 
 
 async def evaluate(

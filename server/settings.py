@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_atoms_per_structure: int = Field(4096, ge=1)
     max_atoms_per_request: int = Field(65536, ge=1)
     max_structures_per_request: int = Field(1024, ge=1)
+    max_edges_per_structure: int = Field(
+        2_000_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search)"
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body or WebSocket frame")
     request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (s) sent with 503 answers")

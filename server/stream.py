@@ -56,8 +56,7 @@ class StreamSession:
     async def _start(self, message: StreamStart) -> dict[str, Any]:
         served = self.registry.get(message.model)
         graph = await off_loop(
-            len(message.numbers), build_graph, served.potential, self.settings,
-            message.numbers, message.positions, message.cell, message.pbc,
+            build_graph, served.potential, self.settings, message.numbers, message.positions, message.cell, message.pbc
         )
         self.served, self.numbers, self.cell, self.pbc = served, message.numbers, message.cell, message.pbc
         self.properties = list(message.properties)
@@ -69,7 +68,7 @@ class StreamSession:
         cell = self.cell if message.cell is None else message.cell
         pbc = self.pbc if message.pbc is None else message.pbc
         graph = await off_loop(
-            len(self.numbers), build_graph, self.served.potential, self.settings, self.numbers, message.positions, cell, pbc
+            build_graph, self.served.potential, self.settings, self.numbers, message.positions, cell, pbc
         )
         self.cell, self.pbc = cell, pbc
         return await self._evaluate(graph)

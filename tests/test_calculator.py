@@ -85,7 +85,8 @@ def test_nve_conserves_energy(checkpoint, molecule_atoms):
     atoms = molecule_atoms.copy()
     atoms.calc = MLIPCalculator(checkpoint)
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    # an untrained many-body model is rough (forces of tens of eV/Å): a short step resolves it
+    dyn = VelocityVerlet(atoms, timestep=0.05 * units.fs)
     energies = []
     dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
     dyn.run(100)
@@ -118,3 +119,41 @@ def test_relaxation_with_cell_filter(optimizer):
     assert np.abs(filtered.get_forces()).max() < 0.05 * start_fmax or not converged and pytest.fail(
         "optimiser did not reduce the generalised forces"
     )
+
+
+HOSTILE_GEOMETRIES = [
+    # (numbers, positions Å, cell Å, pbc, message): each once killed the process or exhausted memory
+    ([1, 1, 1], [[0, 0, 0], [3000, 0, 0], [0, 3000, 0]], None, False, "non-periodic axis"),
+    ([1, 1], [[0, 0, 0], [1e6, 0, 0]], None, False, "within ±"),
+    ([1], [[0, 0, 0]], np.eye(3) * 1e300, True, "longer than"),
+    ([1], [[0, 0, 0]], np.eye(3) * 0.1, True, "too dense"),
+    ([1], [[0, 0, 0]], np.eye(3) * 0.02, True, "too dense"),
+    ([1] * 4096, np.zeros((4096, 3)) + np.arange(4096)[:, None] * [1e-3, 0, 0], None, False, "too dense"),
+    ([1, 1], [[0, 0, 0], [0.001, 0, 0]], None, False, "overlap"),
+]
+
+
+@pytest.mark.parametrize("numbers, positions, cell, pbc, message", HOSTILE_GEOMETRIES)
+def test_hostile_geometry_is_a_value_error_not_a_crash(numbers, positions, cell, pbc, message):
+    """Checked before any neighbour search, in a fraction of a second, whatever the geometry."""
+    import time
+
+    from mlip.graph import SpeciesIndex, build_graph
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        build_graph(Structure.from_arrays(numbers, positions, cell, pbc), SpeciesIndex([1]), 5.0)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_edge_limit_is_enforced_and_realistic_systems_pass():
+    from ase.build import bulk
+
+    from mlip.graph import SpeciesIndex, build_graph, estimate_edges
+
+    crystal = Structure.from_atoms(bulk("Cu", "fcc", a=3.6, cubic=True) * (3, 3, 3))
+    graph = build_graph(crystal, SpeciesIndex([29]), 5.0)
+    edges = graph.edge_index.shape[1]
+    assert 0.5 < estimate_edges(crystal, 5.0) / edges < 2.0  # the estimate tracks the real count
+    with pytest.raises(ValueError, match="more than the limit of 1000"):
+        build_graph(crystal, SpeciesIndex([29]), 5.0, max_edges=1000)

@@ -146,6 +146,12 @@ BAD_REQUESTS = [
     ({"structures": []}, 422, "structures", "at least 1"),
     ({"structures": [good()], "properties": ["dipole"]}, 422, "properties[0]", "'energy'"),
     ({"structures": [good()], "model": "nope"}, 404, "model", "unknown model 'nope'"),
+    # geometry that crashed the neighbour-list library (SIGFPE) or exploded its memory before
+    ({"structures": [{"numbers": [1, 1, 1], "positions": [[0, 0, 0], [3000, 0, 0], [0, 3000, 0]]}]}, 422, "structures[0].positions", "non-periodic axis"),
+    ({"structures": [{"numbers": [1, 1], "positions": [[0, 0, 0], [1e6, 0, 0]]}]}, 422, "structures[0].positions", "within ±"),
+    ({"structures": [{**good(), "cell": (np.eye(3) * 1e300).tolist(), "pbc": True}]}, 422, "structures[0].cell", "longer than"),
+    ({"structures": [{"numbers": [6], "positions": [[0, 0, 0]], "cell": (np.eye(3) * 0.1).tolist(), "pbc": True}]}, 422, "structures[0].positions", "too dense"),
+    ({"structures": [{**good(), "positions": [[0, 0, 0], [0.001, 0, 0]]}]}, 422, "structures[0].positions", "overlap"),
     ({"structures": [big(9)]}, 413, "structures[0].numbers", "9 atoms exceed the limit of 8"),
     ({"structures": [big(8), big(8), big(8)]}, 413, "structures", "24 atoms exceed the limit of 20"),
 ]

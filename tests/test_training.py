@@ -114,9 +114,26 @@ def test_e0_fit_recovers_known_values():
         energy = sum(e0[z] for z in numbers) + rng.normal(scale=1e-3)
         structure = Structure.from_arrays(numbers, rng.normal(size=(len(numbers), 3)) * 3)
         samples.append(Sample(structure, energy, np.zeros((len(numbers), 3)), None, "default", 0))
-    fitted = fit_e0s(samples, [1, 6, 8])
+    fitted, note = fit_e0s(samples, [1, 6, 8])
+    assert "least-squares" in note
     for z, value in e0.items():
         assert fitted[z] == pytest.approx(value, abs=5e-3)
+
+
+def test_e0_fit_on_one_composition_is_reported_not_invented():
+    """All configs C2H6O: one equation for three E0s. The fit must say so, not return min-norm nonsense."""
+    from training.data import Sample
+
+    rng = np.random.default_rng(1)
+    numbers = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])
+    samples = [
+        Sample(Structure.from_arrays(numbers, rng.normal(size=(9, 3)) * 3), -4200.0 + rng.normal(), np.zeros((9, 3)), None, "d", 0)
+        for _ in range(10)
+    ]
+    fitted, note = fit_e0s(samples, [1, 6, 8])
+    assert "not identifiable" in note and "rank 1 < 3" in note
+    mean = sum(s.energy for s in samples) / 90
+    assert all(v == pytest.approx(mean) for v in fitted.values())
 
 
 def test_isolated_atoms_set_e0s(tmp_path):

@@ -48,8 +48,9 @@ class TrainConfig:
     valid_batch_size: int = 32
     max_epochs: int = 1000
     max_time: float | str | None = None
-    lr: float = 5e-3
+    lr: float = 1e-2
     weight_decay: float = 5e-7
+    amsgrad: bool = True  # AdamW with AMSGrad, as MACE and NequIP train
     ema_decay: float = 0.99
     scheduler: str = "cosine"  # cosine (with linear warm-up) | plateau
     warmup_epochs: int = 5
@@ -59,8 +60,13 @@ class TrainConfig:
     patience: int = 100  # early stopping: epochs without validation improvement
     clip_grad: float | None = 10.0
     energy_weight: float = 1.0  # on (ΔE / N)², eV²
-    forces_weight: float = 10.0  # on ΔF², (eV/Å)²
+    forces_weight: float = 100.0  # on ΔF², (eV/Å)²
     stress_weight: float = 1.0  # on Δσ², (eV/Å³)²
+    # stage two (MACE's "SWA" stage): for the last stage_two_fraction of the epoch or time budget,
+    # train at a constant stage_two_lr with the energy weight raised to stage_two_energy_weight
+    stage_two_fraction: float = 0.25
+    stage_two_energy_weight: float | None = 1000.0  # None: no stage two
+    stage_two_lr: float = 1e-3
     resume: bool = False
     description: str = ""  # goes into the model card
     command: str = ""  # the command line that ran this training (set by `mlip train`)
@@ -69,6 +75,8 @@ class TrainConfig:
         self.max_time = parse_duration(self.max_time)
         if self.scheduler not in ("cosine", "plateau"):
             raise ValueError(f"scheduler must be 'cosine' or 'plateau', got {self.scheduler!r}")
+        if not 0.0 <= self.stage_two_fraction < 1.0:
+            raise ValueError(f"stage_two_fraction must be in [0, 1), got {self.stage_two_fraction}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         bad = DERIVED_MODEL_KEYS & set(self.model)

@@ -55,7 +55,9 @@ def resolve_e0s(setting, train: list[Sample], species: list[int]) -> tuple[dict[
     elif setting == "isolated":
         raise ValueError("e0s: 'isolated' but the training data lacks isolated atoms for some elements")
     elif setting in ("auto", "fit"):
-        e0s, source = fit_e0s([s for s in train if not is_isolated_atom(s)], species), "least-squares fit"
+        e0s, source = fit_e0s([s for s in train if not is_isolated_atom(s)], species)
+        if "not identifiable" in source:
+            print(f"warning: E0s: {source}", file=sys.stderr, flush=True)
     elif Path(str(setting)).is_file():
         e0s = {int(a.numbers[0]): float(a.get_potential_energy()) for a in read(setting, ":") if len(a) == 1}
         source = f"isolated atoms in {setting}"
@@ -108,7 +110,9 @@ class Trainer:
         self.model = MLIPModel(self.model_config).to(self.device, self.dtype)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad
+        )
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
@@ -117,6 +121,7 @@ class Trainer:
             else None
         )
         self.epoch, self.best_metric, self.best_epoch, self.elapsed_before = 0, math.inf, -1, 0.0
+        self.stage_two_started = False
         if state:
             self._restore(state)
 
@@ -124,6 +129,7 @@ class Trainer:
         species = sorted({int(z) for s in self.train + self.valid for z in s.structure.numbers})
         e0s, self.e0_source = resolve_e0s(self.config.e0s, self.train, species)
         scale = force_rms([s for s in self.train if not is_isolated_atom(s)])
+        # no shift: it would move every isolated atom's energy away from its E0
         return ModelConfig(species=species, e0s=e0s, scale=scale, shift=0.0, **self.config.model)
 
     # ---- state -------------------------------------------------------------------------------
@@ -139,6 +145,7 @@ class Trainer:
         if self.plateau is not None:
             self.plateau.load_state_dict(state["plateau"])
         self.epoch, self.best_metric, self.best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+        self.stage_two_started = state.get("stage_two_started", False)
         self.elapsed_before = state["elapsed_s"]
         self.e0_source = state["e0_source"]
         torch.set_rng_state(state["torch_rng"])
@@ -154,6 +161,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch,
+                "stage_two_started": self.stage_two_started,
                 "elapsed_s": elapsed_s,
                 "e0_source": self.e0_source,
                 "torch_rng": torch.get_rng_state(),
@@ -162,11 +170,25 @@ class Trainer:
         )
 
     # ---- one epoch ---------------------------------------------------------------------------
+    def progress(self, elapsed_s: float) -> float:
+        """Fraction of the budget used: epochs or wall time (``max_time``), whichever runs out first."""
+        c = self.config
+        done = self.epoch / max(c.max_epochs, 1)
+        return max(done, elapsed_s / c.max_time) if c.max_time else done
+
+    @property
+    def in_stage_two(self) -> bool:
+        return self.config.stage_two_energy_weight is not None and self.stage_two_started
+
+    @property
+    def energy_weight(self) -> float:
+        return self.config.stage_two_energy_weight if self.in_stage_two else self.config.energy_weight
+
     def loss(self, out: dict[str, torch.Tensor], graph: AtomicGraph) -> torch.Tensor:
         """Weighted MSE on per-atom energy (eV), force components (eV/Å) and stress (eV/Å³)."""
         c, t = self.config, graph.targets
         n_atoms = graph.num_atoms.to(torch.float64)
-        loss = c.energy_weight * (((out["energy"] - t["energy"]) / n_atoms) ** 2).mean()
+        loss = self.energy_weight * (((out["energy"] - t["energy"]) / n_atoms) ** 2).mean()
         loss = loss + c.forces_weight * ((out["forces"] - t["forces"]) ** 2).mean()
         if self.use_stress:
             w = t["stress_weight"]
@@ -175,20 +197,25 @@ class Trainer:
         return loss
 
     def _set_lr(self, elapsed_s: float) -> None:
-        """Linear warm-up, then cosine decay over the epoch or time budget, whichever runs out first."""
+        """Linear warm-up, then cosine decay over the budget (or plateau); stage two caps it at stage_two_lr."""
         c = self.config
+        if c.stage_two_energy_weight is not None and not self.stage_two_started:
+            if self.progress(elapsed_s) >= 1.0 - c.stage_two_fraction:
+                self.stage_two_started = True
+                self.best_metric = math.inf  # a new loss: the stage-two model is judged on its own metric
+                print(f"stage two: energy weight {c.stage_two_energy_weight}, lr <= {c.stage_two_lr}", flush=True)
+        cap = c.stage_two_lr if self.in_stage_two else math.inf
         if self.plateau is not None and self.epoch >= c.warmup_epochs:
+            for group in self.optimizer.param_groups:
+                group["lr"] = min(group["lr"], cap)
             return
         if self.epoch < c.warmup_epochs:
             factor = (self.epoch + 1) / c.warmup_epochs
         else:
-            progress = (self.epoch - c.warmup_epochs) / max(c.max_epochs - c.warmup_epochs, 1)
-            if c.max_time:
-                progress = max(progress, elapsed_s / c.max_time)
             floor = c.min_lr / c.lr
-            factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(self.progress(elapsed_s), 1.0)))
         for group in self.optimizer.param_groups:
-            group["lr"] = c.lr * factor
+            group["lr"] = min(c.lr * factor, cap)
 
     def train_epoch(self) -> float:
         c = self.config
@@ -244,7 +271,7 @@ class Trainer:
     def validation_metric(self, summary: dict) -> float:
         """The validation counterpart of the loss, on RMSEs (eV units) - lower is better."""
         c = self.config
-        metric = c.energy_weight * (summary["energy_rmse_meV_per_atom"] / 1e3) ** 2
+        metric = self.energy_weight * (summary["energy_rmse_meV_per_atom"] / 1e3) ** 2
         metric += c.forces_weight * (summary["forces_rmse_meV_per_A"] / 1e3) ** 2
         if self.use_stress and "stress_rmse_meV_per_A3" in summary:
             metric += c.stress_weight * (summary["stress_rmse_meV_per_A3"] / 1e3) ** 2

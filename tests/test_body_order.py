@@ -1,0 +1,106 @@
+"""The many-body product basis: equivariance, polynomial degree, and angles a two-body model cannot see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from e3nn import o3
+
+from mlip import MLIPModel, ModelConfig, Potential, Structure
+from mlip.product import SymmetricContraction
+
+from .conftest import make_config
+
+IRREPS_A = o3.Irreps("3x0e+3x1o+3x2e")
+IRREPS_OUT = o3.Irreps("3x0e+3x1o")
+
+
+def wigner_d(irreps: o3.Irreps, rot: torch.Tensor) -> torch.Tensor:
+    """e3nn builds D from generators in the default dtype: float32 would limit the test to 1e-6."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return irreps.D_from_matrix(rot)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def contraction(correlation: int) -> SymmetricContraction:
+    torch.manual_seed(correlation)
+    return SymmetricContraction(IRREPS_A, IRREPS_OUT, correlation, num_species=2).double()
+
+
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "rotoreflection"])
+def test_product_block_is_equivariant(reflect):
+    block = contraction(3)
+    x = torch.randn(7, IRREPS_A.dim, dtype=torch.float64)
+    species = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        rot = o3.rand_matrix(dtype=torch.float64) * (-1 if reflect else 1)
+        rotated = block(x @ wigner_d(IRREPS_A, rot).T, species)
+        expected = block(x, species) @ wigner_d(IRREPS_OUT, rot).T
+        torch.testing.assert_close(rotated, expected, atol=1e-11, rtol=0)
+    assert block(x, species).abs().max() > 1e-2
+
+
+def test_product_block_weights_depend_on_species():
+    block = contraction(2)
+    x = torch.randn(1, IRREPS_A.dim, dtype=torch.float64)
+    assert (block(x, torch.tensor([0])) - block(x, torch.tensor([1]))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("correlation", [1, 2, 3])
+def test_product_block_is_a_polynomial_of_degree_correlation(correlation):
+    """f(t·A) = Σ_k c_k t^k: the degree-ν coefficient is non-zero and nothing above it (nor a constant)."""
+    block = contraction(correlation)
+    x = torch.randn(4, IRREPS_A.dim, dtype=torch.float64)
+    species = torch.tensor([0, 1, 0, 1])
+    ts = np.linspace(-2.0, 2.0, 11)
+    values = np.stack([block(t * x, species).detach().numpy().ravel() for t in ts])
+    degree = 6
+    vandermonde = np.vander(ts, degree + 1, increasing=True)
+    coefficients, *_ = np.linalg.lstsq(vandermonde, values, rcond=None)
+    size = np.abs(coefficients).max(axis=1)
+    assert size[correlation] > 1e-3 * size.max()
+    assert size[0] < 1e-10
+    assert (size[correlation + 1 :] < 1e-9 * size.max()).all()
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(num_layers=1, correlation=3), dict(num_layers=2, correlation=3, l_max=0)], ids=["one-layer", "scalar-features"]
+)
+def test_angle_sensitivity(settings):
+    """Bent A-B-C with |A-C| beyond the cutoff: only a model that couples the two bonds sees the angle."""
+    torch.manual_seed(0)
+    config = make_config(**settings)
+    potential = Potential(MLIPModel(config))
+    bond = 0.9 * config.cutoff / 1.0
+    energies = []
+    for angle in (130.0, 150.0, 170.0):  # |A-C| = 2 bond sin(angle/2) > cutoff for all three
+        half = np.radians(angle) / 2
+        positions = [[-bond * np.sin(half), bond * np.cos(half), 0], [0, 0, 0], [bond * np.sin(half), bond * np.cos(half), 0]]
+        assert np.linalg.norm(np.subtract(positions[0], positions[2])) > config.cutoff
+        atoms = Atoms("HCO", positions=positions)
+        energies.append(potential.evaluate([Structure.from_atoms(atoms)], ["energy"])[0]["energy"])
+    assert np.ptp(energies) > 1e-6
+
+
+def test_radial_only_model_is_refused():
+    with pytest.raises(ValueError, match="angles"):
+        ModelConfig(species=[1], num_layers=1, correlation=1)
+    with pytest.raises(ValueError, match="angles"):
+        ModelConfig(species=[1], num_layers=3, correlation=1, l_max=0)
+
+
+def test_float32_graphs_keep_float64_energy_targets():
+    from mlip.graph import SpeciesIndex, build_graph
+
+    structure = Structure.from_arrays([1, 8], [[0, 0, 0], [0.97, 0, 0]])
+    energy = -2057.123456789  # eV: float32 would round this to -2057.1235 (~0.1 meV off)
+    graph = build_graph(structure, SpeciesIndex([1, 8]), 4.0, {"energy": energy, "forces": np.zeros((2, 3))})
+    moved = graph.to(dtype=torch.float32)
+    assert moved.targets["energy"].dtype == torch.float64 and moved.targets["energy"].item() == energy
+    assert moved.targets["forces"].dtype == torch.float32 and moved.positions.dtype == torch.float32
