@@ -23,12 +23,14 @@ class MLIPCalculator(Calculator):
         device: str = "cpu",
         dtype: str = "float64",
         compile: bool = False,
+        sha256: str | None = None,
         **kwargs,
     ):
-        """``compile=True`` runs the model through torch.compile: faster steps after a slow first call."""
+        """``compile=True`` runs the model through torch.compile: faster steps after a slow first call.
+        ``sha256`` pins the checkpoint: any other file is refused with a ``ValueError``."""
         super().__init__(**kwargs)
         self.potential = (
-            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile)
+            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256)
         )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

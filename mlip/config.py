@@ -6,6 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# Upper bounds that keep a config (from a file or a request) from allocating absurd models.
+SIZE_LIMITS = {
+    "num_channels": 1024, "num_layers": 8, "num_radial": 64, "species_embed_dim": 256,
+    "kernel_hidden": 1024, "kernel_layers": 8, "readout_hidden": 1024, "correlation": 4, "cutoff": 20.0,
+}
+
+
 @dataclass
 class ModelConfig:
     """Hyperparameters of the equivariant potential.
@@ -34,6 +41,19 @@ class ModelConfig:
     shift: float = 0.0  # eV, added to every atom's energy after scaling
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"ModelConfig.{f.name} must be true or false, got {value!r}")
+            if type(default) is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"ModelConfig.{f.name} must be an integer, got {value!r}")
+            if type(default) is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"ModelConfig.{f.name} must be a number, got {value!r}")
+        for name, largest in SIZE_LIMITS.items():
+            if getattr(self, name) > largest:
+                raise ValueError(f"ModelConfig.{name} = {getattr(self, name)} is beyond the supported {largest}")
+        if not isinstance(self.species, list) or not isinstance(self.e0s, dict):
+            raise ValueError("ModelConfig.species must be a list and e0s a mapping")
         self.species = sorted(int(z) for z in self.species)
         self.e0s = {int(z): float(e) for z, e in self.e0s.items()}
         if not self.species:

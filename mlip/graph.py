@@ -52,12 +52,12 @@ class Structure:
         if positions.size and np.abs(positions).max() > MAX_COORDINATE:
             raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {np.abs(positions).max():.3g} Å")
         if pbc.any():
+            longest = np.abs(cell[pbc]).max()
+            if longest > MAX_EXTENT:
+                raise ValueError(f"cell vectors longer than {MAX_EXTENT:g} Å are not supported, got a component of {longest:.3g} Å")
             volume = abs(np.linalg.det(cell))
             if volume < MIN_VOLUME:
                 raise ValueError(f"periodic cell has zero volume ({volume:.3g} Å³): cell vectors are degenerate")
-            lengths = np.linalg.norm(cell[pbc], axis=1)
-            if lengths.max() > MAX_EXTENT:
-                raise ValueError(f"cell vectors longer than {MAX_EXTENT:g} Å are not supported, got {lengths.max():.3g} Å")
         if len(positions) > 1:
             spans = np.ptp(positions, axis=0)[~pbc]
             if spans.size and spans.max() > MAX_EXTENT:

@@ -60,8 +60,11 @@ class Potential:
         self.name, self.sha256, self.metadata = name, sha256, metadata or {}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False) -> "Potential":
-        ckpt = Checkpoint(path)
+    def load(
+        cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False, sha256: str | None = None
+    ) -> "Potential":
+        """Load a verified checkpoint; ``sha256`` pins it (``ValueError`` for any other file)."""
+        ckpt = Checkpoint(path, sha256)
         return cls(ckpt.build_model(), device, dtype, Path(path).stem, ckpt.sha256, ckpt.metadata, compile)
 
     @property

@@ -8,6 +8,7 @@ at once as ``RemoteError`` (a ``ValueError``) carrying the server's message.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -24,8 +25,10 @@ from . import wire
 from .calculator import ase_results, wanted_properties
 
 T = TypeVar("T")
-RETRY_STATUSES = frozenset({502, 503, 504})
-MAX_BACKOFF_S = 2.0
+# Retried: the server failed (500, counted and visible in its readiness), is restarting or is overloaded.
+# Not retried: 504 and read timeouts (the work may still be running: a retry would queue it twice).
+RETRY_STATUSES = frozenset({500, 502, 503})
+MAX_BACKOFF_S = 5.0
 MAX_MESSAGE_BYTES = 2**28
 
 
@@ -47,6 +50,8 @@ def _error_from(status: int, body: Any) -> RemoteError | _Unavailable:
     message = error.get("message") or str(body)[:500]
     if status in RETRY_STATUSES:
         return _Unavailable(f"{status}: {message}")
+    if status == 504:
+        return TimeoutError(f"server answered 504: {message}")
     return RemoteError(status, error.get("field"), message)
 
 
@@ -71,16 +76,19 @@ class RemoteCalculator(Calculator):
         model: str | None = None,
         api_key: str | None = None,
         transport: str = "ws",
-        timeout: float = 60.0,
-        retries: int = 8,
+        timeout: float = 150.0,
+        reconnect_s: float = 180.0,
         backoff_s: float = 0.1,
         **kwargs: Any,
     ):
+        """``timeout`` (s) bounds one answer and exceeds the server's own 120 s deadline, so the server's
+        504 arrives first; ``reconnect_s`` is how long a dropped connection, a restarting server (a GPU
+        model load takes tens of seconds) or a 5xx is retried with exponential backoff before giving up."""
         super().__init__(**kwargs)
         if transport not in ("ws", "http"):
             raise ValueError(f"transport must be 'ws' or 'http', got {transport!r}")
         self.url, self.model, self.transport = url.rstrip("/"), model, transport
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.timeout, self.reconnect_s, self.backoff_s = timeout, reconnect_s, backoff_s
         api_key = api_key or os.environ.get("MLIP_API_KEY")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http: httpx.Client | None = None
@@ -121,15 +129,17 @@ class RemoteCalculator(Calculator):
         self.close()
 
     def _retrying(self, call: Callable[[], T]) -> T:
-        """Run ``call``; on ``_Unavailable`` back off exponentially and retry, at most ``retries`` times."""
-        for attempt in range(self.retries + 1):
+        """Run ``call``; on ``_Unavailable`` back off exponentially and retry for up to ``reconnect_s`` seconds."""
+        deadline = time.monotonic() + self.reconnect_s
+        for attempt in itertools.count():
             try:
                 return call()
             except _Unavailable as err:
-                last = err
-                if attempt < self.retries:
-                    time.sleep(min(self.backoff_s * 2**attempt, MAX_BACKOFF_S))
-        raise ConnectionError(f"no answer from {self.url} after {self.retries + 1} attempts: {last}")
+                pause = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
+                if time.monotonic() + pause > deadline:
+                    raise ConnectionError(f"no answer from {self.url} within {self.reconnect_s:g} s ({attempt + 1} attempts): {err}") from err
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def _post(self, images: list[Atoms], properties: list[str]) -> list[dict[str, Any]]:
         """One msgpack POST /v1/calculate over the persistent HTTP client."""
@@ -142,6 +152,8 @@ class RemoteCalculator(Calculator):
                 content=wire.packb(payload),
                 headers={"Content-Type": wire.MSGPACK, "Accept": wire.MSGPACK},
             )
+        except httpx.TimeoutException as err:  # the server may still be computing: never queue it twice
+            raise TimeoutError(f"no answer from {self.url} within {self.timeout:g} s") from err
         except httpx.TransportError as err:
             raise _Unavailable(f"{type(err).__name__}: {err}") from err
         is_msgpack = response.headers.get("content-type", "").startswith(wire.MSGPACK)
@@ -174,16 +186,20 @@ class RemoteCalculator(Calculator):
 
     def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one frame and receive its reply; any connection failure drops the session."""
-        try:
-            if self._ws is None:
+        if self._ws is None:
+            try:
                 self._ws = self._connect()
+            except InvalidStatus as err:  # the handshake's HTTP answer (401, 503 while loading, ...)
+                raise _error_from(err.response.status_code, _json_body(err.response.body)) from err
+            except (InvalidHandshake, OSError, TimeoutError) as err:  # nothing was sent: safe to retry
+                raise _Unavailable(f"cannot connect: {type(err).__name__}: {err}") from err
+        try:
             self._ws.send(wire.packb(message))
             reply = wire.unpackb(self._ws.recv(timeout=self.timeout))
-        except InvalidStatus as err:
+        except TimeoutError as err:  # the server may still be computing: never queue it twice
             self._drop_ws()
-            response = err.response
-            raise _error_from(response.status_code, _json_body(response.body)) from err
-        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as err:
+            raise TimeoutError(f"no answer from {self.url} within {self.timeout:g} s") from err
+        except (ConnectionClosed, InvalidHandshake, OSError) as err:
             self._drop_ws()
             raise _Unavailable(f"{type(err).__name__}: {err}") from err
         if reply.get("id") != message["id"]:

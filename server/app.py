@@ -27,9 +27,10 @@ from .settings import Settings
 from .stream import StreamSession
 
 log = logging.getLogger("mlip.server")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 CALCULATE_REQUEST: TypeAdapter[CalculateRequest] = TypeAdapter(CalculateRequest)
 BODY_SCHEMAS = (CalculateRequest, StreamStart, StreamStep)
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 500, 503, 504)}
 DESCRIPTION = (
     "Energies (eV), forces (eV/Å), stress (eV/Å³) and per-atom energies from an E(3)-equivariant potential. "
     "Bodies may be JSON or msgpack (arrays as raw little-endian bytes, see docs/server.md); "
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
     keys = ApiKeys(settings.api_keys())
+    if not keys.enabled and settings.host not in LOOPBACK_HOSTS:
+        log.warning("authentication is OFF while binding %s: anyone who reaches this port can use it", settings.host)
     loader = threading.Thread(target=registry.load, name="mlip-model-loader", daemon=True)
 
     @asynccontextmanager
@@ -110,18 +113,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default = registry.get(None).potential.name
         return ModelsResponse(default=default, models=[m.info(n == default) for n, m in registry.models.items()])
 
-    @app.get("/health/live", summary="The process answers")
-    async def live() -> dict[str, str]:
-        return {"status": "live"}
+    @app.get("/health/live", responses={503: {"model": ErrorResponse}}, summary="The process and its workers answer")
+    async def live() -> Response:
+        stalled = registry.stalled_workers()
+        if stalled:
+            message = f"worker(s) {stalled} stuck in one batch for more than {settings.worker_stall_s} s"
+            return encode(ApiError(503, None, message).body(), None, 503)
+        return encode({"status": "live"}, None)
 
-    @app.get("/health/ready", responses={503: {"model": ErrorResponse}}, summary="Models loaded and warmed up")
+    @app.get("/health/ready", responses={503: {"model": ErrorResponse}}, summary="Models loaded, warmed up and healthy")
     async def ready() -> Response:
-        if registry.ready:
+        failing = registry.failing_workers()
+        if registry.ready and not failing:
             return encode({"status": "ready", "models": sorted(registry.models)}, None)
-        message = registry.error or "models are loading"
+        message = registry.error or (f"model(s) {failing} failing on the device" if failing else "models are loading")
         return encode(ApiError(503, None, message).body(), None, 503, {"Retry-After": str(settings.retry_after_s)})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

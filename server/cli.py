@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as err:
         raise ValueError(str(err)) from err
     settings.checkpoint_paths()  # fail now, not after uvicorn started, if there is nothing to serve
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -41,6 +41,10 @@ class Metrics:
             buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536), registry=self.registry,
         )
         self.queue_depth = Gauge("mlip_queue_structures", "Structures waiting", ["model"], registry=self.registry)
+        self.worker_failures = Counter(
+            "mlip_worker_failures", "Structures the worker failed to evaluate (device faults, bugs: 500)", ["model"],
+            registry=self.registry,
+        )
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answer (endpoint label limited to known routes)."""

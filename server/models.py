@@ -78,7 +78,8 @@ class ModelRegistry:
             torch.set_num_threads(s.torch_threads)
         try:
             for path in s.checkpoint_paths():
-                potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile)
+                pin = s.checkpoint_sha256.get(path.stem)
+                potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin)
                 warm_up(potential)
                 worker = BatchWorker(potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue)
                 worker.start()
@@ -100,6 +101,14 @@ class ModelRegistry:
         if model is None:
             raise ApiError(404, "model", f"unknown model {name!r}; served models: {sorted(self.models)}")
         return model
+
+    def stalled_workers(self) -> list[str]:
+        """Models whose worker has been inside one batch longer than ``worker_stall_s`` (a hung device)."""
+        return [n for n, m in self.models.items() if m.worker.busy_for() > self.settings.worker_stall_s]
+
+    def failing_workers(self) -> list[str]:
+        """Models whose last ``max_consecutive_failures`` batches all failed for reasons other than input."""
+        return [n for n, m in self.models.items() if m.worker.failing(self.settings.max_consecutive_failures)]
 
     def close(self) -> None:
         for model in self.models.values():

@@ -16,13 +16,23 @@ DEFAULT_PROPERTIES: list[Property] = ["energy", "forces", "stress"]
 
 
 def _float_array(value: Any) -> np.ndarray:
-    """Nested lists or a decoded raw array -> float64 array (shape is checked with the structure)."""
+    """Nested lists or a decoded raw array of numbers -> float64 array (shape is checked with the structure).
+
+    Strings and booleans are refused, not coerced: "1.5" or true as a coordinate is a client bug.
+    """
     if isinstance(value, (str, bytes, dict)) or value is None:
         raise ValueError("must be an array of numbers")
+    if isinstance(value, (list, tuple)) and any(
+        isinstance(x, (bool, str)) for row in value for x in (row if isinstance(row, (list, tuple)) else (row,))
+    ):
+        raise ValueError("must be an array of numbers (no strings or booleans)")
     try:
-        return np.array(value, dtype=np.float64)  # a writable copy, also of read-only raw msgpack buffers
+        array = np.asarray(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"must be a rectangular array of numbers ({err})") from err
+    if array.dtype.kind not in "iuf" and array.size:
+        raise ValueError(f"must be a rectangular array of numbers, got {array.dtype} values")
+    return np.array(array, dtype=np.float64)  # a writable copy, also of read-only raw msgpack buffers
 
 
 def _int_array(value: Any) -> np.ndarray:
@@ -30,6 +40,8 @@ def _int_array(value: Any) -> np.ndarray:
     array = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
     if array is None or array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
         raise ValueError("must be a 1-D list of integer atomic numbers")
+    if array.size == 0:
+        raise ValueError("must list at least one atom")
     return array.astype(np.int64)
 
 

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_atoms_per_structure: int = Field(4096, ge=1)
     max_atoms_per_request: int = Field(65536, ge=1)
     max_structures_per_request: int = Field(1024, ge=1)
+    worker_stall_s: float = Field(300.0, gt=0, description="a worker busy this long on one batch fails /health/live")
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="device failures in a row after which /health/ready fails so the orchestrator replaces us"
+    )
     max_edges_per_structure: int = Field(
         2_000_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search)"
     )
@@ -39,6 +43,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (s) sent with 503 answers")
 
+    checkpoint_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description='expected SHA-256 per model name (JSON, e.g. {"aspirin-rmd17": "ab12..."}): other files are refused',
+    )
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
     api_keys_file: Path | None = Field(None, description="file with one accepted API key per line")
     log_level: str = "info"
@@ -64,10 +72,19 @@ class Settings(BaseSettings):
         return [path]
 
     def api_keys(self) -> list[str]:
-        """Accepted API keys (empty: authentication off)."""
-        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        """Accepted API keys (none set: authentication off). A key or keys file that is set but empty is an
+        error, never a silent 'no authentication' (an unset shell variable in ``docker run -e`` does that)."""
+        keys = []
+        if self.api_key is not None:
+            key = self.api_key.get_secret_value().strip()
+            if not key:
+                raise ValueError("MLIP_API_KEY is set but empty: set a key, or unset it to serve without authentication")
+            keys.append(key)
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
                 raise ValueError(f"API keys file not found: {self.api_keys_file}")
-            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+            from_file = [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+            if not from_file:
+                raise ValueError(f"API keys file {self.api_keys_file} holds no key")
+            keys += from_file
         return keys

@@ -72,6 +72,8 @@ class BatchWorker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._busy_since: float | None = None  # monotonic time the running batch started; None when idle
+        self.consecutive_failures = 0  # batches in a row with a device (non-input) failure
         self._thread = threading.Thread(target=self._loop, name=f"mlip-worker-{self.name}", daemon=True)
 
     def start(self) -> None:
@@ -95,6 +97,8 @@ class BatchWorker:
         with self._cond:
             if self._stopping:
                 raise QueueFull("server is shutting down")
+            if len(self._queue) + len(jobs) > self.max_queue:  # drop abandoned jobs before refusing new ones
+                self._queue = deque(job for job in self._queue if not job.future.done())
             if len(self._queue) + len(jobs) > self.max_queue:
                 raise QueueFull(f"queue full ({len(self._queue)} of {self.max_queue} structures waiting)")
             self._queue.extend(jobs)
@@ -125,12 +129,23 @@ class BatchWorker:
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             return batch
 
+    def busy_for(self) -> float:
+        """Seconds the running batch has taken so far (0 when idle): the liveness heartbeat."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def failing(self, threshold: int) -> bool:
+        return self.consecutive_failures >= threshold
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            self._busy_since = time.monotonic()
             try:
                 self._run(batch)
             except Exception:  # keep serving whatever went wrong; callers then time out with 504
                 log.exception("worker failed to run a batch of %d", len(batch))
+            finally:
+                self._busy_since = None
 
     def _run(self, batch: list[Job]) -> None:
         """Evaluate one batch and deliver every outcome; never lets an exception kill the thread."""
@@ -139,7 +154,11 @@ class BatchWorker:
             outcomes = self._evaluate(batch)
         except Exception as err:  # unexpected failure of the whole batch: isolate the culprit
             log.warning("batch of %d failed (%r); retrying one by one", len(batch), err)
+            outcomes = None
+        if outcomes is None:  # outside the except block: the failed pass's tensors are released first
             outcomes = [self._evaluate_alone(job) for job in batch]
+        failed = all(isinstance(o, ApiError) and o.status >= 500 for o in outcomes)
+        self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         seconds = time.perf_counter() - start
         self.metrics.observe_batch(
             self.name, len(batch), sum(j.atoms for j in batch), [start - j.enqueued for j in batch], seconds
@@ -152,6 +171,8 @@ class BatchWorker:
         try:
             results = self.potential.evaluate_graphs([job.graph for job in batch], properties)
         except torch.cuda.OutOfMemoryError:
+            results = None  # handled below, once the exception (and the activations it holds) is gone
+        if results is None:
             if self.potential.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:
@@ -163,12 +184,14 @@ class BatchWorker:
         return [{k: v for k, v in r.items() if k in job.properties} for job, r in zip(batch, results)]
 
     def _evaluate_alone(self, job: Job) -> Outcome:
-        """Evaluate one structure by itself; an unexpected failure becomes that structure's 422."""
+        """Evaluate one structure by itself. Input was validated before queueing, so a failure here is
+        the server's (device fault, bug): a 500 that is counted, never a 4xx the client would treat as final."""
         try:
             return self._evaluate([job])[0]
         except Exception as err:
             log.exception("structure of %d atoms failed", job.atoms)
-            return ApiError(422, None, f"the model could not evaluate this structure: {type(err).__name__}: {err}")
+            self.metrics.worker_failures.labels(self.name).inc()
+            return ApiError(500, None, f"the server failed to evaluate this structure: {type(err).__name__}: {err}")
 
     @staticmethod
     def _deliver(pairs: list[tuple[Job, Outcome]]) -> None:

@@ -43,18 +43,81 @@ def test_tampered_weights_are_refused(checkpoint_path):
         Checkpoint(checkpoint_path)
 
 
-def test_tampered_config_is_refused(checkpoint_path):
-    data = checkpoint_path.read_bytes()
-    n = _header_length(checkpoint_path)
+def rewrite_header(path, edit) -> None:
+    """Apply ``edit`` to the safetensors header's string metadata (a dict) and write the file back."""
+    data = path.read_bytes()
+    n = _header_length(path)
     header = json.loads(data[8 : 8 + n])
-    config = json.loads(header["__metadata__"]["config"])
-    config["cutoff"] = config["cutoff"] + 1.0
-    header["__metadata__"]["config"] = json.dumps(config, sort_keys=True)
+    edit(header["__metadata__"])
     new_header = json.dumps(header).encode()
     new_header += b" " * (-len(new_header) % 8)
-    checkpoint_path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + data[8 + n :])
-    with pytest.raises(ValueError, match="SHA-256"):
+    path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + data[8 + n :])
+
+
+def edit_config(**changes):
+    def edit(meta):
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **changes}, sort_keys=True)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (edit_config(cutoff=5.0), "SHA-256"),
+        (lambda meta: meta.update(metadata=json.dumps({"validation": "forged"})), "SHA-256"),
+    ],
+    ids=["config", "metadata"],
+)
+def test_tampered_header_is_refused(checkpoint_path, edit, message):
+    rewrite_header(checkpoint_path, edit)
+    with pytest.raises(ValueError, match=message):
         Checkpoint(checkpoint_path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda meta: meta.pop("config"), "'config' is missing"),
+        (lambda meta: meta.pop("metadata"), "'metadata' is missing"),
+        (lambda meta: meta.update(config="[1, 2"), "'config' is not valid JSON"),
+        (lambda meta: meta.update(metadata="[1, 2]"), "'metadata' must be a JSON object"),
+        (edit_config(num_channels="64"), "num_channels must be an integer"),
+        (edit_config(l_max=40), "l_max <= sh_l_max <= 6"),
+        (edit_config(num_channels=200000), "num_channels = 200000 is beyond"),
+        (edit_config(unknown_key=1), "unknown model config keys"),
+    ],
+    ids=["no-config", "no-metadata", "bad-json", "metadata-list", "wrong-type", "l_max-40", "huge", "unknown-key"],
+)
+def test_malformed_header_is_a_value_error_naming_file_and_field(checkpoint_path, edit, message):
+    """Checked before any tensor is read or model allocated (num_channels 200000 would ask for ~160 GB)."""
+    rewrite_header(checkpoint_path, edit)
+    with pytest.raises(ValueError, match=message) as err:
+        Checkpoint(checkpoint_path)
+    assert str(checkpoint_path) in str(err.value)
+
+
+def test_mismatched_tensor_shapes_name_the_tensor(checkpoint_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mlip.checkpoint import weights_sha256
+
+    with safe_open(str(checkpoint_path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][..., :1].contiguous()  # a consistent, re-hashed file of the wrong shape
+    meta["sha256"] = weights_sha256(tensors, meta["config"], meta["metadata"])
+    save_file(tensors, str(checkpoint_path), metadata=meta)
+    with pytest.raises(ValueError, match=f"tensor '{name}' has shape"):
+        Checkpoint(checkpoint_path).build_model()
+
+
+def test_pinned_sha256(checkpoint_path):
+    sha = Checkpoint(checkpoint_path).sha256
+    assert Potential.load(checkpoint_path, sha256=sha.upper()).sha256 == sha
+    with pytest.raises(ValueError, match="not the expected"):
+        Potential.load(checkpoint_path, sha256="0" * 64)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999])

@@ -104,7 +104,7 @@ def test_server_killed_and_restarted_mid_run(server, reference):
             server.process.wait(10)
             threading.Thread(target=lambda: (server.start(), restarted.set()), daemon=True).start()
 
-    with RemoteCalculator(server.url, api_key=KEY, retries=30, backoff_s=0.05) as calc:
+    with RemoteCalculator(server.url, api_key=KEY, reconnect_s=90, backoff_s=0.05) as calc:
         original = calc.calculate
         calc.calculate = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
         frames = trajectory(calc, on_step=kill_and_restart)
@@ -225,11 +225,28 @@ def test_neb_matches_in_process(server, checkpoint):
     np.testing.assert_allclose(got, neb_path(lambda: MLIPCalculator(potential)), atol=1e-8, rtol=0)
 
 
-def test_unreachable_server_gives_up_after_bounded_retries():
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_unreachable_server_is_retried_for_the_reconnect_budget(transport):
     atoms = acetamide()
-    with RemoteCalculator(f"http://127.0.0.1:{free_port()}", retries=3, backoff_s=0.01) as calc:
+    with RemoteCalculator(f"http://127.0.0.1:{free_port()}", transport=transport, reconnect_s=1.5, backoff_s=0.05) as calc:
         atoms.calc = calc
         start = time.monotonic()
-        with pytest.raises(ConnectionError, match="after 4 attempts"):
+        with pytest.raises(ConnectionError, match="within 1.5 s"):
             atoms.get_forces()
-    assert time.monotonic() - start < 10
+    assert 0.7 < time.monotonic() - start < 5  # it kept trying for (about) the budget, then gave up
+
+
+def test_client_defaults_outlast_the_server_deadline():
+    from server.settings import Settings
+
+    calc = RemoteCalculator()
+    assert calc.timeout > Settings().request_timeout_s and calc.reconnect_s >= 120
+
+
+def test_timeouts_and_504_are_not_retried():
+    from mlip.remote import _error_from, _Unavailable
+
+    assert isinstance(_error_from(504, {"error": {"message": "no result within 120 s"}}), TimeoutError)
+    for status in (500, 502, 503):
+        assert isinstance(_error_from(status, {}), _Unavailable)
+    assert isinstance(_error_from(422, {}), ValueError)

@@ -136,6 +136,9 @@ BAD_REQUESTS = [
     ({"structures": [{**good(), "positions": [[0, 0, 0]]}]}, 422, "structures[0].positions", "shape (2, 3)"),
     ({"structures": [{**good(), "positions": "abc"}]}, 422, "structures[0].positions", "array of numbers"),
     ({"structures": [{**good(), "numbers": [6.5, 8]}]}, 422, "structures[0].numbers", "integer"),
+    ({"structures": [{**good(), "positions": [["0", "0", "0"], ["1.2", "0", "0"]]}]}, 422, "structures[0].positions", "no strings"),
+    ({"structures": [{**good(), "positions": [[0, 0, 0], [True, 0, 0]]}]}, 422, "structures[0].positions", "no strings or booleans"),
+    ({"structures": [{"numbers": [], "positions": []}]}, 422, "structures[0].numbers", "at least one atom"),
     ({"structures": [{**good(), "numbers": [0, 8]}]}, 422, "structures[0].numbers", "1..118"),
     ({"structures": [{**good(), "numbers": [26, 8]}]}, 422, "structures[0].numbers", "['Fe'] not supported"),
     ({"structures": [{**good(), "positions": [[0, 0, 0], [0, 0, 0]]}]}, 422, "structures[0].positions", "overlap"),
@@ -176,6 +179,9 @@ def test_nan_in_msgpack_positions(limited):
     body = {"structures": [{"numbers": [6, 8], "positions": np.array([[0, 0, 0], [np.nan, 0, 0]])}]}
     r = limited.post("/v1/calculate", content=wire.packb(body), headers={"Content-Type": wire.MSGPACK})
     assert r.status_code == 422 and r.json()["error"] == {"field": "structures[0].positions", "message": "positions contain NaN or inf"}
+    empty = {"structures": [{"numbers": np.zeros(0, dtype=np.int64), "positions": np.zeros((0, 3))}]}
+    r = limited.post("/v1/calculate", content=wire.packb(empty), headers={"Content-Type": wire.MSGPACK})
+    assert r.status_code == 422 and "at least one atom" in r.json()["error"]["message"]  # as in JSON
     bad_array = {"structures": [{"numbers": [6, 8], "positions": {"dtype": "<f8", "shape": [2, 3], "data": b"\0" * 40}}]}
     r = limited.post("/v1/calculate", content=wire.packb(bad_array), headers={"Content-Type": wire.MSGPACK})
     assert r.status_code == 400 and "48 raw bytes" in r.json()["error"]["message"]
@@ -394,6 +400,22 @@ def test_queue_full_answers_503_with_retry_after(checkpoint):
         assert c.post("/v1/calculate", json={"structures": [good()]}).status_code == 200
 
 
+def test_abandoned_jobs_do_not_count_toward_the_queue_limit(reference):
+    worker = BatchWorker(reference, Metrics(), max_queue=2)  # not started: jobs stay queued
+    graph = reference.graph(Structure.from_atoms(molecule("H2O")))
+
+    async def run() -> None:
+        abandoned = worker.submit([graph, graph], {"energy"})
+        for future in abandoned:
+            future.cancel()  # the callers timed out or disconnected
+        accepted = worker.submit([graph, graph], {"energy"})
+        assert len(accepted) == 2 and len(worker._queue) == 2
+        with pytest.raises(Exception, match="queue full"):
+            worker.submit([graph], {"energy"})
+
+    asyncio.run(run())
+
+
 def test_out_of_memory_splits_batch_and_rejects_only_too_large(client, reference, monkeypatch):
     potential = client.app.state.registry.models["small"].potential
     original, batches = potential.evaluate_graphs, []
@@ -435,11 +457,80 @@ def test_unexpected_failure_hits_only_the_bad_structure(client, reference, monke
             assert blocker.result(30).status_code == 200 and fine.result(30).status_code == 200
             r = bad.result(30)
         assert gate.batches[:2] == [1, 3]  # the failing batch of three, then one by one
-        assert r.status_code == 422 and r.json()["error"]["field"] == "structures[1]"
+        assert r.status_code == 500 and r.json()["error"]["field"] == "structures[1]"  # the server's fault, not the input's
         assert "ZeroDivisionError" in r.json()["error"]["message"]
+        assert 'mlip_worker_failures_total{model="small"} 1.0' in client.get("/metrics").text
     finally:
         del potential.evaluate_graphs
     assert client.post("/v1/calculate", json={"structures": [good()]}).status_code == 200
+
+
+def test_device_failures_fail_readiness_until_the_device_recovers(checkpoint):
+    """A broken device answers 500 (retryable), and after N failures in a row /health/ready fails."""
+    with serve(checkpoint, max_consecutive_failures=2) as client:
+        potential = client.app.state.registry.models["small"].potential
+
+        def broken(graphs, properties):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        potential.evaluate_graphs = broken
+        try:
+            for _ in range(2):
+                r = client.post("/v1/calculate", json={"structures": [good()]})
+                assert r.status_code == 500 and "illegal memory access" in r.json()["error"]["message"]
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503 and "failing" in ready.json()["error"]["message"]
+        finally:
+            del potential.evaluate_graphs
+        assert client.post("/v1/calculate", json={"structures": [good()]}).status_code == 200
+        assert client.get("/health/ready").status_code == 200
+
+
+def test_hung_worker_fails_liveness(checkpoint):
+    with serve(checkpoint, worker_stall_s=0.2) as client:
+        potential = client.app.state.registry.models["small"].potential
+        gate = Gate(potential)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.post, "/v1/calculate", json={"structures": [good()]})
+                assert gate.entered.wait(10)
+                time.sleep(0.3)
+                live = client.get("/health/live")
+                assert live.status_code == 503 and "stuck" in live.json()["error"]["message"]
+                gate.release.set()
+                assert pending.result(30).status_code == 200
+        finally:
+            del potential.evaluate_graphs
+        assert client.get("/health/live").status_code == 200
+
+
+def test_liveness_answers_while_the_worst_accepted_request_is_built(checkpoint):
+    """The largest, densest structure the limits admit is built off the event loop: /health/live stays fast."""
+    from ase.build import bulk
+
+    crystal = bulk("C", "diamond", a=3.57, cubic=True) * (5, 5, 5)  # 1000 atoms, ~70 neighbours each
+    crystal.numbers[:] = 6
+    body = {"structures": [{**as_json(crystal), "numbers": [6] * len(crystal)}], "properties": ["energy"]}
+    with serve(checkpoint) as client:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.post, "/v1/calculate", json=body)
+            worst = 0.0
+            while not pending.done():
+                start = time.perf_counter()
+                assert client.get("/health/live").status_code == 200
+                worst = max(worst, time.perf_counter() - start)
+                time.sleep(0.01)
+            assert pending.result().status_code == 200
+        assert worst < 0.1, f"/health/live took {worst * 1e3:.0f} ms"
+
+
+@pytest.mark.parametrize("setting", ["api_key", "api_keys_file"])
+def test_empty_api_key_is_a_startup_error(tmp_path, setting):
+    empty = tmp_path / "keys"
+    empty.write_text("\n  \n")
+    settings = Settings(**({"api_key": "  "} if setting == "api_key" else {"api_keys_file": empty}))
+    with pytest.raises(ValueError, match="empty|no key"):
+        settings.api_keys()
 
 
 def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
