@@ -13,6 +13,7 @@ from .neighbors import neighbor_list
 MIN_DISTANCE = 0.1  # Å; closer atoms overlap: no chemistry happens there (invalid input)
 MIN_VOLUME = 1e-6  # Å³; smaller periodic cells are degenerate
 MAX_EXTENT = 1000.0  # Å; longest periodic cell vector, widest span of positions along a non-periodic axis
+MIN_CELL_HEIGHT = 0.5  # Å; thinner periodic cells put atoms on top of their own images (and stall the search)
 MAX_COORDINATE = 1e5  # Å; largest |position| component (periodic structures are wrapped, but not from anywhere)
 MAX_NEIGHBORS_PER_ATOM = 1000  # ~10x the density of diamond at r_c = 5 Å: beyond it the input is not matter
 DEFAULT_MAX_EDGES = 10_000_000  # directed edges of one graph (~GBs of activations) unless the caller sets a limit
@@ -58,6 +59,14 @@ class Structure:
             volume = abs(np.linalg.det(cell))
             if volume < MIN_VOLUME:
                 raise ValueError(f"periodic cell has zero volume ({volume:.3g} Å³): cell vectors are degenerate")
+            heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+            thin = np.flatnonzero(pbc & (heights < MIN_CELL_HEIGHT))
+            if thin.size:
+                k = int(thin[0])
+                raise ValueError(
+                    f"periodic cell is only {heights[k]:.3g} Å thick across cell vector {k}, less than {MIN_CELL_HEIGHT:g} Å: "
+                    "atoms would overlap their own periodic images"
+                )
         if len(positions) > 1:
             spans = np.ptp(positions, axis=0)[~pbc]
             if spans.size and spans.max() > MAX_EXTENT:

@@ -130,6 +130,7 @@ HOSTILE_GEOMETRIES = [
     ([1], [[0, 0, 0]], np.eye(3) * 0.02, True, "too dense"),
     ([1] * 4096, np.zeros((4096, 3)) + np.arange(4096)[:, None] * [1e-3, 0, 0], None, False, "too dense"),
     ([1, 1], [[0, 0, 0], [0.001, 0, 0]], None, False, "overlap"),
+    ([1, 1], [[0, 0, 0], [1, 1, 1]], [[1000, 0, 0], [999.9, 0.01, 0], [0, 0, 1000]], True, "thick"),  # 6 s search before
 ]
 
 

@@ -533,6 +533,24 @@ def test_empty_api_key_is_a_startup_error(tmp_path, setting):
         settings.api_keys()
 
 
+def test_one_bad_file_in_models_directory_is_named(checkpoint, tmp_path):
+    import shutil
+
+    shutil.copy(checkpoint, tmp_path / "good.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with TestClient(create_app(Settings(models=tmp_path))) as client:
+        wait_until(lambda: client.app.state.registry.error is not None)
+        r = client.get("/health/ready")
+        assert r.status_code == 503 and "broken.safetensors" in r.json()["error"]["message"]
+        assert client.get("/health/live").status_code == 200
+
+
+def test_pinned_checkpoint_hash_is_enforced(checkpoint):
+    with TestClient(create_app(Settings(checkpoint=checkpoint, checkpoint_sha256={"small": "0" * 64}))) as client:
+        wait_until(lambda: client.app.state.registry.error is not None)
+        assert "not the expected" in client.get("/health/ready").json()["error"]["message"]
+
+
 def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
     from mlip.cli import main
 

@@ -1,0 +1,119 @@
+"""Fuzzing: the OpenAPI schema (schemathesis) and the geometry checks (hypothesis). No 5xx, no crash."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlip import Structure
+from mlip.graph import SpeciesIndex, build_graph
+
+schemathesis = pytest.importorskip("schemathesis")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from server.app import create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+from .serverproc import SERVER_SPECIES, make_checkpoint  # noqa: E402
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("fuzz") / "small.safetensors")
+    with TestClient(create_app(Settings(checkpoint=checkpoint))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield client
+
+
+def test_schema_fuzz_gives_no_server_error(client):
+    """Every operation of /openapi.json with schema-conforming inputs: 2xx/4xx only, server alive after."""
+    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+    statuses: dict[int, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @FUZZ
+        @given(operation.as_strategy())
+        def call(case) -> None:
+            body = case.body if isinstance(case.body, (dict, list)) else None  # GETs carry schemathesis' NOT_SET
+            r = client.request(case.method, case.formatted_path, json=body, headers=case.headers or {}, params=case.query)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (case.body, r.text)
+
+        call()
+    assert sum(statuses.values()) >= 60 and 422 in statuses
+    assert client.get("/health/live").status_code == 200
+
+
+coordinates = st.one_of(
+    st.floats(-6.0, 6.0), st.floats(-1e7, 1e7), st.sampled_from([0.0, 1e-9, 999.9, 1000.1, 3000.0, 1e5, -1e5])
+)
+cells = st.one_of(
+    st.none(),
+    st.lists(st.floats(-2000.0, 2000.0), min_size=9, max_size=9),
+    st.sampled_from([[0.02, 0, 0, 0, 0.02, 0, 0, 0, 0.02], [1e300, 0, 0, 0, 1, 0, 0, 0, 1], [3, 0, 0, 0, 3, 0, 0, 0, 0]]),
+)
+
+
+@st.composite
+def structures(draw) -> dict:
+    """Well-shaped structures (matching numbers and positions) with hostile values: what a schema fuzzer rarely reaches."""
+    n = draw(st.integers(1, 6))
+    structure = {
+        "numbers": [draw(st.sampled_from(SERVER_SPECIES)) for _ in range(n)],
+        "positions": draw(st.lists(st.lists(coordinates, min_size=3, max_size=3), min_size=n, max_size=n)),
+    }
+    cell = draw(cells)
+    if cell is not None:
+        structure["cell"] = np.reshape(cell, (3, 3)).tolist()
+        structure["pbc"] = draw(st.lists(st.booleans(), min_size=3, max_size=3))
+    return structure
+
+
+def test_structure_fuzz_over_http_gives_no_server_error(client):
+    statuses: dict[int, int] = {}
+
+    @FUZZ
+    @given(st.lists(structures(), min_size=1, max_size=3))
+    def call(batch) -> None:
+        r = client.post("/v1/calculate", json={"structures": batch})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code in (200, 413, 422), (batch, r.text)
+
+    call()
+    assert statuses.get(200, 0) > 0 and statuses.get(422, 0) > 0, statuses
+    assert client.get("/health/live").status_code == 200
+
+
+@FUZZ
+@given(
+    n=st.integers(1, 6),
+    data=st.data(),
+    cell=cells,
+    pbc=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_geometry_fuzz_is_value_error_or_graph(n, data, cell, pbc):
+    """Any finite geometry either builds a bounded graph or raises ValueError: never a crash or a hang."""
+    positions = np.array(data.draw(st.lists(st.lists(coordinates, min_size=3, max_size=3), min_size=n, max_size=n)))
+    numbers = [SERVER_SPECIES[0]] * n
+    start = time.perf_counter()
+    try:
+        structure = Structure.from_arrays(numbers, positions, None if cell is None else np.reshape(cell, (3, 3)), pbc)
+        graph = build_graph(structure, SpeciesIndex(SERVER_SPECIES), 4.0, max_edges=200_000)
+        assert graph.edge_index.shape[1] <= 200_000
+    except ValueError:
+        pass
+    assert time.perf_counter() - start < 5.0
