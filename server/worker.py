@@ -8,6 +8,7 @@ arrive during a forward pass form the next batch, so a lone client waits for not
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -38,6 +39,7 @@ class Job:
     properties: frozenset[str]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    source: int  # which submit call (HTTP request, WebSocket message) it came from: the unit of fairness
     atoms: int = field(init=False)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -72,6 +74,7 @@ class BatchWorker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._sources = itertools.count()
         self._busy_since: float | None = None  # monotonic time the running batch started; None when idle
         self.consecutive_failures = 0  # batches in a row with a device (non-input) failure
         self._thread = threading.Thread(target=self._loop, name=f"mlip-worker-{self.name}", daemon=True)
@@ -93,7 +96,8 @@ class BatchWorker:
     def submit(self, graphs: list[AtomicGraph], properties: set[str]) -> list[asyncio.Future]:
         """Enqueue all graphs or none (``QueueFull``); call from the event loop, await the futures."""
         loop = asyncio.get_running_loop()
-        jobs = [Job(g, frozenset(properties), loop.create_future(), loop) for g in graphs]
+        source = next(self._sources)
+        jobs = [Job(g, frozenset(properties), loop.create_future(), loop, source) for g in graphs]
         with self._cond:
             if self._stopping:
                 raise QueueFull("server is shutting down")
@@ -120,14 +124,31 @@ class BatchWorker:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            batch, atoms = [], 0
-            while self._queue and (not batch or atoms + self._queue[0].atoms <= self.max_batch_atoms):
-                job = self._queue.popleft()
-                if not job.future.done():  # caller gave up (timeout, disconnect)
-                    batch.append(job)
-                    atoms += job.atoms
+            batch = self._fair_share()
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             return batch
+
+    def _fair_share(self) -> list[Job]:
+        """Up to the atom budget, one structure per waiting request in turn (oldest request first), so a
+        request of a thousand structures cannot hold back the MD sessions queued behind it."""
+        by_source: dict[int, deque[Job]] = {}
+        for job in self._queue:
+            if not job.future.done():  # caller gave up (timeout, disconnect)
+                by_source.setdefault(job.source, deque()).append(job)
+        batch, atoms, taken = [], 0, set()
+        while by_source:
+            for source in list(by_source):
+                job = by_source[source][0]
+                if batch and atoms + job.atoms > self.max_batch_atoms:
+                    by_source.clear()
+                    break
+                batch.append(by_source[source].popleft())
+                atoms += job.atoms
+                taken.add(id(job))
+                if not by_source[source]:
+                    del by_source[source]
+        self._queue = deque(job for job in self._queue if id(job) not in taken and not job.future.done())
+        return batch
 
     def busy_for(self) -> float:
         """Seconds the running batch has taken so far (0 when idle): the liveness heartbeat."""

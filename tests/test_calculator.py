@@ -126,8 +126,9 @@ HOSTILE_GEOMETRIES = [
     ([1, 1, 1], [[0, 0, 0], [3000, 0, 0], [0, 3000, 0]], None, False, "non-periodic axis"),
     ([1, 1], [[0, 0, 0], [1e6, 0, 0]], None, False, "within ±"),
     ([1], [[0, 0, 0]], np.eye(3) * 1e300, True, "longer than"),
-    ([1], [[0, 0, 0]], np.eye(3) * 0.1, True, "too dense"),
-    ([1], [[0, 0, 0]], np.eye(3) * 0.02, True, "too dense"),
+    ([1], [[0, 0, 0]], np.eye(3) * 0.1, True, "thick"),
+    ([1], [[0, 0, 0]], np.eye(3) * 0.02, True, "thick"),
+    ([1], [[0, 0, 0]], np.eye(3) * 0.6, True, "too dense"),
     ([1] * 4096, np.zeros((4096, 3)) + np.arange(4096)[:, None] * [1e-3, 0, 0], None, False, "too dense"),
     ([1, 1], [[0, 0, 0], [0.001, 0, 0]], None, False, "overlap"),
     ([1, 1], [[0, 0, 0], [1, 1, 1]], [[1000, 0, 0], [999.9, 0.01, 0], [0, 0, 1000]], True, "thick"),  # 6 s search before

@@ -153,7 +153,8 @@ BAD_REQUESTS = [
     ({"structures": [{"numbers": [1, 1, 1], "positions": [[0, 0, 0], [3000, 0, 0], [0, 3000, 0]]}]}, 422, "structures[0].positions", "non-periodic axis"),
     ({"structures": [{"numbers": [1, 1], "positions": [[0, 0, 0], [1e6, 0, 0]]}]}, 422, "structures[0].positions", "within ±"),
     ({"structures": [{**good(), "cell": (np.eye(3) * 1e300).tolist(), "pbc": True}]}, 422, "structures[0].cell", "longer than"),
-    ({"structures": [{"numbers": [6], "positions": [[0, 0, 0]], "cell": (np.eye(3) * 0.1).tolist(), "pbc": True}]}, 422, "structures[0].positions", "too dense"),
+    ({"structures": [{"numbers": [6], "positions": [[0, 0, 0]], "cell": (np.eye(3) * 0.1).tolist(), "pbc": True}]}, 422, "structures[0].cell", "thick"),
+    ({"structures": [{"numbers": [6], "positions": [[0, 0, 0]], "cell": (np.eye(3) * 0.6).tolist(), "pbc": True}]}, 422, "structures[0].positions", "too dense"),
     ({"structures": [{**good(), "positions": [[0, 0, 0], [0.001, 0, 0]]}]}, 422, "structures[0].positions", "overlap"),
     ({"structures": [big(9)]}, 413, "structures[0].numbers", "9 atoms exceed the limit of 8"),
     ({"structures": [big(8), big(8), big(8)]}, 413, "structures", "24 atoms exceed the limit of 20"),
@@ -412,6 +413,21 @@ def test_abandoned_jobs_do_not_count_toward_the_queue_limit(reference):
         assert len(accepted) == 2 and len(worker._queue) == 2
         with pytest.raises(Exception, match="queue full"):
             worker.submit([graph], {"energy"})
+
+    asyncio.run(run())
+
+
+def test_a_large_request_cannot_starve_a_small_one(reference):
+    """Strict FIFO would run the 10-structure request's batches first; fair share serves both at once."""
+    water = reference.graph(Structure.from_atoms(molecule("H2O")))
+    worker = BatchWorker(reference, Metrics(), max_batch_atoms=3 * 3)  # three waters per batch
+
+    async def run() -> None:
+        bulk_request = worker.submit([water] * 10, {"energy"})
+        md_step = worker.submit([water], {"energy"})
+        first = worker._take()
+        assert [job.future for job in first] == [bulk_request[0], md_step[0], bulk_request[1]]  # round robin
+        assert len(worker._queue) == 8
 
     asyncio.run(run())
 
