@@ -5,8 +5,9 @@ the block forms all equivariant polynomials of degree 1..ν in A_u (MACE eqs. 10
 products B = Σ U · A ⊗ ... ⊗ A) and mixes them with weights that depend on the atom's species.
 
 The generalised Clebsch-Gordan tensors U are built here from e3nn's Wigner 3j symbols, then
-symmetrised over the ν input slots and reduced to an orthonormal basis, so no weight multiplies a
-redundant or vanishing coupling path. Because A ⊗ ... ⊗ A is symmetric, the contraction is evaluated
+symmetrised over the ν input slots and reduced to an orthonormal basis (Gram-Schmidt in a fixed
+order, so the basis, and with it the meaning of trained weights, is the same on every machine), so
+no weight multiplies a redundant or vanishing coupling path. Because A ⊗ ... ⊗ A is symmetric, the contraction is evaluated
 on the distinct monomials A_i A_j A_k (i ≤ j ≤ k) with one matrix product per degree, instead of
 MACE's dense (2l+1)^ν einsums or cuequivariance's per-path fallback (7x slower on the CPU here).
 """
@@ -61,6 +62,25 @@ def _multiplicities(t: tuple[int, ...]) -> list[int]:
     return [t.count(i) for i in sorted(set(t))]
 
 
+def _orthonormal_span(columns: torch.Tensor, tolerance: float = 1e-9) -> torch.Tensor:
+    """Orthonormal basis of the columns' span by Gram-Schmidt in column order (twice, for stability).
+
+    Unlike an SVD, which may rotate freely inside degenerate singular subspaces (it did, between one
+    and two LAPACK threads), the result depends only on the columns: trained weights mean the same
+    thing on every machine. Residuals below ``tolerance`` × the largest column norm are redundant
+    (symmetrisation leaves some columns zero up to round-off: those must not be normalised up).
+    """
+    scale = columns.norm(dim=0).max().item() if columns.numel() else 0.0
+    basis = columns.new_zeros(columns.shape[0], 0)
+    for column in columns.T:
+        residual = column - basis @ (basis.T @ column)
+        residual = residual - basis @ (basis.T @ residual)
+        norm = residual.norm()
+        if norm > tolerance * scale:
+            basis = torch.cat([basis, (residual / norm)[:, None]], dim=1)
+    return basis
+
+
 @lru_cache(maxsize=None)
 def symmetric_basis(irreps_in: str, ir_out: str, degree: int) -> torch.Tensor:
     """Orthonormal basis of the equivariant degree-ν polynomials from one channel of ``irreps_in`` to ``ir_out``.
@@ -80,9 +100,7 @@ def symmetric_basis(irreps_in: str, ir_out: str, degree: int) -> torch.Tensor:
     permutations = list(itertools.permutations(range(1, degree + 1)))
     symmetric = sum(tensors.permute(0, *p, degree + 1) for p in permutations) / len(permutations)
     flat = symmetric.reshape(-1, symmetric.shape[-1])  # (M * D^ν, K_raw)
-    u, s, _ = torch.linalg.svd(flat, full_matrices=False)
-    keep = s > 1e-9 * max(s.max().item(), 1.0)
-    basis = u[:, keep].reshape(*symmetric.shape[:-1], -1) * math.sqrt(target.dim)  # (M, D, ..., D, K)
+    basis = _orthonormal_span(flat).reshape(*symmetric.shape[:-1], -1) * math.sqrt(target.dim)  # (M, D, ..., D, K)
     picked = basis[(slice(None), *index.T)]  # (M, P, K): one representative ordered tuple per monomial
     return (picked * counts[None, :, None]).permute(1, 0, 2).contiguous()
 

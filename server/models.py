@@ -81,7 +81,9 @@ class ModelRegistry:
                 pin = s.checkpoint_sha256.get(path.stem)
                 potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin)
                 warm_up(potential)
-                worker = BatchWorker(potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue)
+                worker = BatchWorker(
+                    potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue, s.max_edges_per_structure
+                )
                 worker.start()
                 self.models[potential.name] = ServedModel(potential, worker, card_summary(path))
                 log.info("serving %s (%s) on %s as %s", potential.name, potential.sha256[:12], potential.device, potential.dtype)

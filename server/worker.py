@@ -41,10 +41,12 @@ class Job:
     loop: asyncio.AbstractEventLoop
     source: int  # which submit call (HTTP request, WebSocket message) it came from: the unit of fairness
     atoms: int = field(init=False)
+    edges: int = field(init=False)
     enqueued: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.atoms = int(self.graph.num_atoms.sum())
+        self.edges = int(self.graph.edge_index.shape[1])
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, Outcome]]) -> None:
@@ -68,9 +70,11 @@ class BatchWorker:
         max_batch_atoms: int = 4096,
         max_wait_s: float = 0.0,
         max_queue: int = 1024,
+        max_batch_edges: int = 1 << 62,
     ) -> None:
         self.potential, self.metrics, self.name = potential, metrics, potential.name
         self.max_batch_atoms, self.max_wait_s, self.max_queue = max_batch_atoms, max_wait_s, max_queue
+        self.max_batch_edges = max_batch_edges  # memory scales with edges: a batch never exceeds this many
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -129,21 +133,21 @@ class BatchWorker:
             return batch
 
     def _fair_share(self) -> list[Job]:
-        """Up to the atom budget, one structure per waiting request in turn (oldest request first), so a
+        """Up to the atom and edge budgets, one structure per waiting request in turn (oldest request first), so a
         request of a thousand structures cannot hold back the MD sessions queued behind it."""
         by_source: dict[int, deque[Job]] = {}
         for job in self._queue:
             if not job.future.done():  # caller gave up (timeout, disconnect)
                 by_source.setdefault(job.source, deque()).append(job)
-        batch, atoms, taken = [], 0, set()
+        batch, atoms, edges, taken = [], 0, 0, set()
         while by_source:
             for source in list(by_source):
                 job = by_source[source][0]
-                if batch and atoms + job.atoms > self.max_batch_atoms:
+                if batch and (atoms + job.atoms > self.max_batch_atoms or edges + job.edges > self.max_batch_edges):
                     by_source.clear()
                     break
                 batch.append(by_source[source].popleft())
-                atoms += job.atoms
+                atoms, edges = atoms + job.atoms, edges + job.edges
                 taken.add(id(job))
                 if not by_source[source]:
                     del by_source[source]

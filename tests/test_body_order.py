@@ -104,3 +104,18 @@ def test_float32_graphs_keep_float64_energy_targets():
     moved = graph.to(dtype=torch.float32)
     assert moved.targets["energy"].dtype == torch.float64 and moved.targets["energy"].item() == energy
     assert moved.targets["forces"].dtype == torch.float32 and moved.positions.dtype == torch.float32
+
+
+def test_product_basis_is_canonical_whatever_the_thread_count():
+    """The basis defines what trained weights mean: it must not depend on LAPACK's threading (an SVD did)."""
+    from mlip.product import symmetric_basis
+
+    before = torch.get_num_threads()
+    bases = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        symmetric_basis.cache_clear()
+        bases.append(symmetric_basis("1x0e+1x1o+1x2e", "1o", 3))
+    torch.set_num_threads(before)
+    symmetric_basis.cache_clear()
+    torch.testing.assert_close(bases[0], bases[1], atol=1e-12, rtol=0)

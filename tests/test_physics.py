@@ -130,7 +130,9 @@ def test_energy_continuous_at_cutoff(potential):
 @pytest.mark.parametrize("dtype,atol", [("float64", 1e-12), ("float32", 1e-6)])
 def test_isolated_atom_energy_is_e0(model, dtype, atol):
     """E0s stay float64 in float32 mode: -1485.3 eV in float32 would be off by ~3e-5 eV."""
-    potential = Potential(model, dtype=dtype)
+    import copy
+
+    potential = Potential(copy.deepcopy(model), dtype=dtype)  # Potential casts the module it is given
     out = evaluate(potential, Atoms("HN", positions=[[0, 0, 0], [20, 0, 0]]))
     np.testing.assert_allclose(out["energies"], [potential.config.e0s[1], potential.config.e0s[7]], atol=atol, rtol=0)
     assert out["energy"] == pytest.approx(potential.config.e0s[1] + potential.config.e0s[7], abs=atol, rel=0)

@@ -432,6 +432,17 @@ def test_a_large_request_cannot_starve_a_small_one(reference):
     asyncio.run(run())
 
 
+def test_batches_are_budgeted_by_edges(reference):
+    water = reference.graph(Structure.from_atoms(molecule("H2O")))  # 6 directed edges
+    worker = BatchWorker(reference, Metrics(), max_batch_atoms=1000, max_batch_edges=2 * 6)
+
+    async def run() -> None:
+        worker.submit([water] * 5, {"energy"})
+        assert len(worker._take()) == 2 and len(worker._queue) == 3
+
+    asyncio.run(run())
+
+
 def test_out_of_memory_splits_batch_and_rejects_only_too_large(client, reference, monkeypatch):
     potential = client.app.state.registry.models["small"].potential
     original, batches = potential.evaluate_graphs, []

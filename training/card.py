@@ -24,6 +24,15 @@ def _metric_rows(summary: dict) -> str:
     return "\n".join(f"| {label} | {summary[key]:.3f} |" for key, label in names.items() if key in summary)
 
 
+def _stage_two(c: dict) -> str:
+    if c.get("stage_two_energy_weight") is None:
+        return "- no stage two"
+    return (
+        f"- stage two (last {c['stage_two_fraction']:.0%} of the budget): energy weight {c['stage_two_energy_weight']},"
+        f" learning rate capped at {c['stage_two_lr']}; the checkpoint is the best EMA model of stage two"
+    )
+
+
 def write_model_card(checkpoint: Path, config: ModelConfig, metadata: dict, limits: str = "") -> Path:
     """Data, split, hyperparameters, wall time and hardware, validation metrics, limits of use."""
     t, v = metadata["training"], metadata["validation"]
@@ -47,7 +56,9 @@ def write_model_card(checkpoint: Path, config: ModelConfig, metadata: dict, limi
         f"- wall time: {t['wall_time_s'] / 60:.1f} min on {t['hardware']} (world size {t['world_size']}), {t['epochs']} epochs, best epoch {t['best_epoch']}",
         f"- dtype {t['dtype']}, torch {t['torch_version']}, mlip {t['mlip_version']}",
         f"- loss weights: energy {t['config']['energy_weight']}, forces {t['config']['forces_weight']}, stress {t['config']['stress_weight']};"
-        f" AdamW lr {t['config']['lr']}, {t['config']['scheduler']} schedule, EMA {t['config']['ema_decay']}, batch {t['config']['batch_size']}",
+        f" AdamW{' (AMSGrad)' if t['config'].get('amsgrad') else ''} lr {t['config']['lr']}, {t['config']['scheduler']} schedule,"
+        f" EMA {t['config']['ema_decay']}, batch {t['config']['batch_size']}",
+        _stage_two(t["config"]),
         "- hyperparameters:",
         "",
         "```json",
