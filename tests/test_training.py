@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -44,6 +45,7 @@ def make_config(tmp_path: Path, train_file: Path, **overrides) -> TrainConfig:
         dtype="float64",
         device="cpu",
         stress_weight=10.0,
+        stage_two_energy_weight=None,  # a different loss in the last quarter: tested on its own below
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -67,6 +69,23 @@ def test_training_reduces_loss_and_writes_artifacts(tmp_path, emt_file):
     assert "forces MAE (meV/Å)" in card and "stress MAE" in card and "rattled" in card
     assert metadata["validation"]["n_structures"] == 6
     assert set(metadata["validation_by_config_type"]) == {"rattled", "strained"}
+
+
+def test_stage_two_raises_energy_weight_and_caps_lr_for_the_last_quarter(tmp_path, emt_file):
+    config = make_config(tmp_path, emt_file, max_epochs=8, warmup_epochs=0, stage_two_energy_weight=1000.0, stage_two_lr=1e-3)
+    trainer = Trainer(config)
+    trainer.run()
+    log = read_log(config)
+    assert [record["lr"] <= 1e-3 for record in log] == [False] * 6 + [True] * 2
+    assert trainer.in_stage_two and trainer.energy_weight == 1000.0
+    assert trainer.best_epoch >= 6  # the checkpoint is a stage-two model
+    assert "stage two (last 25% of the budget): energy weight 1000.0" in Path(config.output).with_suffix(".md").read_text()
+
+
+def test_float32_training_uses_float64_energy_labels(tmp_path, emt_file):
+    trainer = Trainer(make_config(tmp_path, emt_file, max_epochs=1, dtype="float32"))
+    graph = trainer.train_graphs[0].to(trainer.device, trainer.dtype)
+    assert graph.positions.dtype == torch.float32 and graph.targets["energy"].dtype == torch.float64
 
 
 def test_checkpoint_reproduces_trained_model(tmp_path, emt_file):

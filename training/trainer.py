@@ -171,9 +171,9 @@ class Trainer:
 
     # ---- one epoch ---------------------------------------------------------------------------
     def progress(self, elapsed_s: float) -> float:
-        """Fraction of the budget used: epochs or wall time (``max_time``), whichever runs out first."""
+        """Fraction of the budget after warm-up used: epochs or wall time (``max_time``), whichever runs out first."""
         c = self.config
-        done = self.epoch / max(c.max_epochs, 1)
+        done = max(self.epoch - c.warmup_epochs, 0) / max(c.max_epochs - c.warmup_epochs, 1)
         return max(done, elapsed_s / c.max_time) if c.max_time else done
 
     @property
