@@ -381,7 +381,8 @@ def test_max_wait_gathers_requests_arriving_later(reference, max_wait_s, expecte
     finally:
         worker.stop()
         del reference.evaluate_graphs
-    assert batches == expected and len({r["energy"] for r in results}) == 1
+    energies = [r["energy"] for r in results]
+    assert batches == expected and max(energies) - min(energies) < 1e-12  # same structure, same energy in any batch
 
 
 def test_queue_full_answers_503_with_retry_after(checkpoint):
