@@ -50,6 +50,7 @@ class Potential:
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge (32 channels, float64)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -71,9 +72,10 @@ class Potential:
     def cutoff(self) -> float:
         return self.config.cutoff
 
-    def graph(self, structure: Structure, max_edges: int = DEFAULT_MAX_EDGES) -> AtomicGraph:
-        """The structure's neighbour-list graph; ``ValueError`` if it would exceed ``max_edges`` edges."""
-        return build_graph(structure, self.species_index, self.cutoff, max_edges=max_edges)
+    def graph(self, structure: Structure, max_edges: int | None = None) -> AtomicGraph:
+        """The structure's neighbour-list graph; ``ValueError`` if it would exceed ``max_edges`` edges
+        (default ``self.max_edges``: raise it for larger systems on machines with the memory)."""
+        return build_graph(structure, self.species_index, self.cutoff, max_edges=max_edges or self.max_edges)
 
     def evaluate(
         self, structures: Sequence[Structure], properties: Iterable[str] = ("energy", "forces")

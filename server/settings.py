@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         3, ge=1, description="device failures in a row after which /health/ready fails so the orchestrator replaces us"
     )
     max_edges_per_structure: int = Field(
-        2_000_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
+        250_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body or WebSocket frame")
     request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")
