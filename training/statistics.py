@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from mlip.graph import AtomicGraph
@@ -27,6 +29,7 @@ def fit_e0s(samples: list[Sample], species: list[int]) -> tuple[dict[int, float]
             f"< {len(species)} elements, so per-element E0s are not identifiable. Per-atom energies are a partition of "
             "the total only; the model has no isolated-atom (dissociation) limit"
         )
+        warnings.warn(f"E0s: {note}", stacklevel=2)
         return {z: mean for z in species}, note
     e0, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     return {z: float(e) for z, e in zip(species, e0)}, "least-squares fit to the training energies"

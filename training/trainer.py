@@ -56,8 +56,6 @@ def resolve_e0s(setting, train: list[Sample], species: list[int]) -> tuple[dict[
         raise ValueError("e0s: 'isolated' but the training data lacks isolated atoms for some elements")
     elif setting in ("auto", "fit"):
         e0s, source = fit_e0s([s for s in train if not is_isolated_atom(s)], species)
-        if "not identifiable" in source:
-            print(f"warning: E0s: {source}", file=sys.stderr, flush=True)
     elif Path(str(setting)).is_file():
         e0s = {int(a.numbers[0]): float(a.get_potential_energy()) for a in read(setting, ":") if len(a) == 1}
         source = f"isolated atoms in {setting}"
@@ -177,12 +175,8 @@ class Trainer:
         return max(done, elapsed_s / c.max_time) if c.max_time else done
 
     @property
-    def in_stage_two(self) -> bool:
-        return self.config.stage_two_energy_weight is not None and self.stage_two_started
-
-    @property
     def energy_weight(self) -> float:
-        return self.config.stage_two_energy_weight if self.in_stage_two else self.config.energy_weight
+        return self.config.stage_two_energy_weight if self.stage_two_started else self.config.energy_weight
 
     def loss(self, out: dict[str, torch.Tensor], graph: AtomicGraph) -> torch.Tensor:
         """Weighted MSE on per-atom energy (eV), force components (eV/Å) and stress (eV/Å³)."""
@@ -204,7 +198,7 @@ class Trainer:
                 self.stage_two_started = True
                 self.best_metric = math.inf  # a new loss: the stage-two model is judged on its own metric
                 print(f"stage two: energy weight {c.stage_two_energy_weight}, lr <= {c.stage_two_lr}", flush=True)
-        cap = c.stage_two_lr if self.in_stage_two else math.inf
+        cap = c.stage_two_lr if self.stage_two_started else math.inf
         if self.plateau is not None and self.epoch >= c.warmup_epochs:
             for group in self.optimizer.param_groups:
                 group["lr"] = min(group["lr"], cap)
