@@ -64,8 +64,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.species must be atomic numbers 1..118, got {self.species}")
         if self.cutoff <= 0:
             raise ValueError(f"ModelConfig.cutoff must be positive (Å), got {self.cutoff}")
-        if self.l_max < 0 or self.num_layers < 1 or self.num_channels < 1 or self.correlation < 1:
-            raise ValueError("ModelConfig needs l_max >= 0, num_layers >= 1, num_channels >= 1, correlation >= 1")
+        if self.num_layers < 1 or self.num_channels < 1 or self.correlation < 1:
+            raise ValueError("ModelConfig needs num_layers >= 1, num_channels >= 1, correlation >= 1")
         if not 0 <= self.l_max <= self.sh_l_max <= 6:
             raise ValueError(f"ModelConfig needs 0 <= l_max <= sh_l_max <= 6, got {self.l_max} and {self.sh_l_max}")
         if self.correlation < 2 and (self.num_layers < 2 or self.l_max < 1):

@@ -200,12 +200,14 @@ def build_graph(
         edge_shift=torch.from_numpy(shifts.astype(np.float64)),
         batch=torch.zeros(len(species), dtype=torch.int64),
         num_atoms=torch.tensor([len(species)]),
-        targets={
-            k: torch.as_tensor(np.asarray(v, dtype=np.float64)) if k in PER_ATOM_TARGETS
-            else torch.as_tensor(np.asarray(v, dtype=np.float64)).unsqueeze(0)
-            for k, v in (targets or {}).items()
-        },
+        targets={k: _target_tensor(k, v) for k, v in (targets or {}).items()},
     )
+
+
+def _target_tensor(key: str, value) -> torch.Tensor:
+    """A label as float64 (a Python float would become float32), per structure with a leading batch axis."""
+    tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+    return tensor if key in PER_ATOM_TARGETS else tensor.unsqueeze(0)
 
 
 def batch_graphs(graphs: list[AtomicGraph]) -> AtomicGraph:

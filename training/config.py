@@ -63,7 +63,7 @@ class TrainConfig:
     forces_weight: float = 100.0  # on ΔF², (eV/Å)²
     stress_weight: float = 1.0  # on Δσ², (eV/Å³)²
     # stage two (MACE's "SWA" stage): for the last stage_two_fraction of the epoch or time budget,
-    # train at a constant stage_two_lr with the energy weight raised to stage_two_energy_weight
+    # the learning rate is capped at stage_two_lr and the energy weight raised to stage_two_energy_weight
     stage_two_fraction: float = 0.25
     stage_two_energy_weight: float | None = 1000.0  # None: no stage two
     stage_two_lr: float = 1e-3
