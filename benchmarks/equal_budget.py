@@ -3,7 +3,8 @@
 For each dataset the driver writes ONE seeded train/validation split (the split `mlip train CONFIG`
 makes by itself, via ``training.data.split_samples``) to train.xyz / valid.xyz, and both trainers
 read exactly those files. For each budget (minutes) it then trains, one after the other so they
-never share the cores:
+never share the cores, or with ``--concurrent`` both at once (``--threads 1`` each on a 2-core
+machine), so that whatever else loads the machine slows both alike:
 
 * ours: ``mlip train`` with the shipped YAML config of the dataset, overriding data files, output,
   ``max_time`` (native: the cosine schedule and stage two are timed against it), threads, seed and
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -495,6 +497,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run directory (default: benchmarks/runs/equal_budget-UTCSTAMP, git-ignored)")
     parser.add_argument("--out", type=Path, default=default_out("equal_budget"), help="JSON; the PNG goes beside it")
     parser.add_argument("--max-train", type=int, help="train on a seeded subset of this many configs (smoke tests)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="train ours and MACE at the same time (give each --threads 1 on a 2-core machine), so "
+                        "any other load on the machine falls on both alike")
     parser.add_argument("--mace-epoch-s", type=float, help="MACE seconds per epoch: skip the probe run")
     args = parser.parse_args(argv)
     args.dataset = list(dict.fromkeys(args.dataset or ["aspirin", "si"]))
@@ -522,34 +527,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         info["valid_indices"] = split["valid_indices"]
         print(f"{name}: {split['n_train']} train / {split['n_valid']} valid configs -> {data_dir}", flush=True)
 
-        epoch_s, overhead_s = args.mace_epoch_s, 0.0
-        if "mace" in args.models and epoch_s is None:
-            try:
-                epoch_s, overhead_s = probe_mace_epoch_s(dataset, split, data_dir / "mace_probe", args)
-            except RuntimeError as err:
-                print(f"{name}: MACE probe failed: {err}", file=sys.stderr)
-            info["mace_epoch_s"], info["mace_loop_overhead_s"] = epoch_s, overhead_s
-            print(f"{name}: MACE probe: {epoch_s} s per epoch, {overhead_s:.1f} s one-off", flush=True)
+        lock = threading.Lock()
 
-        for budget_min in args.budgets_min:
-            for model in args.models:
-                budget_s = 60.0 * budget_min
-                run_dir = data_dir / f"{model}-{budget_min:g}min"
-                row: dict[str, Any] = {"dataset": name, "model": model, "budget_min": budget_min, "budget_s": budget_s,
-                                       "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
-                print(f"{name}: training {model} for {budget_min:g} min in {run_dir}", flush=True)
-                try:
-                    if model == "ours":
-                        row.update(train_ours(dataset, split, budget_s, run_dir, args))
-                    elif epoch_s is None:
-                        raise RuntimeError("no MACE epoch time (probe failed)")
-                    else:
-                        row.update(train_mace(dataset, split, budget_s, epoch_s, overhead_s, run_dir, args))
-                except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as err:
-                    row["error"] = str(err)
-                    print(f"{name}/{model}/{budget_min:g} min failed: {err}", file=sys.stderr, flush=True)
+        def record(row: dict[str, Any]) -> None:
+            with lock:
                 results.append(row)
                 write_json(args.out, payload)  # after every run, so a long benchmark keeps what it has
+
+        def mace_epoch_time() -> tuple[float | None, float]:
+            epoch_s, overhead_s = args.mace_epoch_s, 0.0
+            if epoch_s is None:
+                try:
+                    epoch_s, overhead_s = probe_mace_epoch_s(dataset, split, data_dir / "mace_probe", args)
+                except RuntimeError as err:
+                    print(f"{name}: MACE probe failed: {err}", file=sys.stderr)
+            info["mace_epoch_s"], info["mace_loop_overhead_s"] = epoch_s, overhead_s
+            print(f"{name}: MACE probe: {epoch_s} s per epoch, {overhead_s:.1f} s one-off", flush=True)
+            return epoch_s, overhead_s
+
+        def run(model: str, budget_min: float, epoch_s: float | None, overhead_s: float) -> None:
+            budget_s = 60.0 * budget_min
+            run_dir = data_dir / f"{model}-{budget_min:g}min"
+            row: dict[str, Any] = {"dataset": name, "model": model, "budget_min": budget_min, "budget_s": budget_s,
+                                   "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            print(f"{name}: training {model} for {budget_min:g} min in {run_dir}", flush=True)
+            try:
+                if model == "ours":
+                    row.update(train_ours(dataset, split, budget_s, run_dir, args))
+                elif epoch_s is None:
+                    raise RuntimeError("no MACE epoch time (probe failed)")
+                else:
+                    row.update(train_mace(dataset, split, budget_s, epoch_s, overhead_s, run_dir, args))
+            except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as err:
+                row["error"] = str(err)
+                print(f"{name}/{model}/{budget_min:g} min failed: {err}", file=sys.stderr, flush=True)
+            record(row)
+
+        def all_budgets(model: str) -> None:
+            epoch = mace_epoch_time() if model == "mace" else (None, 0.0)
+            for budget_min in args.budgets_min:
+                run(model, budget_min, *epoch)
+
+        if args.concurrent:  # one thread per model; the MACE probe runs while ours trains, under the same load
+            with ThreadPoolExecutor(len(args.models)) as pool:
+                for future in [pool.submit(all_budgets, model) for model in args.models]:
+                    future.result()
+        else:  # one run at a time, budget by budget
+            epoch = mace_epoch_time() if "mace" in args.models else (None, 0.0)
+            for budget_min in args.budgets_min:
+                for model in args.models:
+                    run(model, budget_min, *epoch if model == "mace" else (None, 0.0))
 
     print()
     print(markdown_table(TABLE_HEADERS, table_rows(results)))
