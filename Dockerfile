@@ -42,8 +42,10 @@ WORKDIR /src
 # Dependencies first (cached until pyproject.toml or the version changes) ...
 COPY pyproject.toml README.md ./
 COPY mlip/__init__.py mlip/__init__.py
+# (empty stand-ins for the folders pyproject.toml maps to mlip.server, mlip.training, mlip.checkpoints)
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && mkdir -p server training checkpoints \
     && /opt/venv/bin/pip install --constraint /opt/torch-constraint.txt --find-links /wheels ".[server]"
 # ... then the project itself: a regular (non-editable) install, no dependency changes.
 COPY . .

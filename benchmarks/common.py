@@ -347,12 +347,13 @@ def require_checkpoint(path: Path) -> Path:
 
 
 class Server:
-    """`mlip serve` on a free 127.0.0.1 port (server.process) with the benchmark's device, dtype and threads."""
+    """`mlip serve` on a free 127.0.0.1 port (tests/launcher.py) with the benchmark's device, dtype and threads."""
 
     def __init__(
         self, checkpoint: Path, threads: int, dtype: str, extra_args: Sequence[str] = (), device: str = "cpu"
     ):
-        from server.process import ServerProcess
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.launcher import ServerProcess
 
         args = ["--checkpoint", str(checkpoint), "--device", device, "--dtype", dtype, "--log-level", "warning"]
         self.process = ServerProcess([*args, *extra_args], env=thread_env(threads))

@@ -89,8 +89,8 @@ def write_split(dataset: Dataset, seed: int, max_train: int | None, out_dir: Pat
     """
     from ase.io import read, write
 
-    from training.config import TrainConfig
-    from training.data import LabelKeys, is_isolated_atom, read_samples, split_samples
+    from mlip.training.config import TrainConfig
+    from mlip.training.data import LabelKeys, is_isolated_atom, read_samples, split_samples
 
     cfg = TrainConfig.from_yaml(dataset.config)
     source = (REPO_ROOT / cfg.train_file).resolve()
@@ -341,8 +341,8 @@ def mace_validation(
     """`mace_eval_configs` on valid.xyz, errors computed with our ErrorAccumulator (same definitions as `mlip eval`)."""
     from ase.io import read
 
-    from training.data import LabelKeys, read_samples
-    from training.metrics import ErrorAccumulator
+    from mlip.training.data import LabelKeys, read_samples
+    from mlip.training.metrics import ErrorAccumulator
 
     predictions = run_dir / "valid_predictions.xyz"
     cmd = [mace_bin("mace_eval_configs"), "--configs", valid_file, "--model", str(model), "--output", str(predictions),

@@ -7,6 +7,7 @@ runs velocity Verlet over one WebSocket session and prints the energy drift and 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from md_aspirin_remote import DEFAULT_STRUCTURE, print_report, read_structure, r
 
 from mlip import RemoteCalculator
 from mlip.checkpoint import DEFAULT_CHECKPOINT
-from server.process import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: its `mlip serve` launcher
+from tests.launcher import ServerProcess  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

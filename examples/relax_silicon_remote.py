@@ -1,6 +1,6 @@
 """Relax a strained, rattled silicon cell (positions and lattice, using the stress) on a running `mlip serve`.
 
-    mlip serve --models checkpoints &              # serves every checkpoint there, incl. si-zuo2020
+    mlip serve &                                   # serves every shipped checkpoint, incl. si-zuo2020
     python examples/relax_silicon_remote.py [--model si-zuo2020] [--repeat 2]
 """
 

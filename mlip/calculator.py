@@ -36,16 +36,19 @@ class MLIPCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = Structure.from_atoms(self.atoms)
-        wanted = wanted_properties(properties, bool(structure.pbc.any()))
+        wanted = wanted_properties(properties, structure.has_stress)
         (result,) = self.potential.evaluate([structure], wanted)
         self.results = ase_results(result)
 
 
-def wanted_properties(properties, periodic: bool) -> list[str]:
-    """What to evaluate for an ASE request: everything cheap at once; stress only for periodic cells."""
-    if "stress" in properties and not periodic:
-        raise PropertyNotImplementedError("stress is defined only for periodic cells (set atoms.pbc)")
-    return ["energy", "forces", "energies"] + (["stress"] if periodic else [])
+def wanted_properties(properties, has_stress: bool) -> list[str]:
+    """What to evaluate for an ASE request: everything cheap at once; stress where it is defined."""
+    if "stress" in properties and not has_stress:
+        raise PropertyNotImplementedError(
+            "stress needs a periodic cell of non-zero volume (set atoms.pbc, and a vacuum cell vector along "
+            "a non-periodic direction)"
+        )
+    return ["energy", "forces", "energies"] + (["stress"] if has_stress else [])
 
 
 def ase_results(result: dict) -> dict:

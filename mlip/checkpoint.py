@@ -23,8 +23,32 @@ from .config import ModelConfig
 from .model import MLIPModel
 
 FORMAT = "mlip-checkpoint/1"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _shipped_dir() -> Path:
+    """The shipped potentials: ``mlip/checkpoints`` when installed from a wheel, ``checkpoints/`` in a source tree."""
+    installed = Path(__file__).resolve().parent / "checkpoints"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+SHIPPED_DIR = _shipped_dir()
 DEFAULT_CHECKPOINT = SHIPPED_DIR / "aspirin-rmd17.safetensors"
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """The potentials that come with the package: name (file stem) -> file."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.safetensors"))}
+
+
+def find_checkpoint(path_or_name: str | Path) -> Path:
+    """A checkpoint file, or the name of a shipped potential (e.g. ``aspirin-rmd17``); ``ValueError`` if neither."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = shipped_checkpoints()
+    if str(path_or_name) in shipped:
+        return shipped[str(path_or_name)]
+    raise ValueError(f"checkpoint not found: {path} (not a file, nor a shipped potential: {', '.join(shipped) or 'none'})")
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor], config_json: str, metadata_json: str) -> str:
@@ -62,9 +86,8 @@ class Checkpoint:
     """A loaded, verified checkpoint: config, weights and metadata (nothing executed)."""
 
     def __init__(self, path: str | Path, expected_sha256: str | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ValueError(f"checkpoint not found: {self.path}")
+        """``path``: a file, or the name of a shipped potential (``find_checkpoint``)."""
+        self.path = find_checkpoint(path)
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 header = f.metadata() or {}

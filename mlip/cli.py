@@ -1,4 +1,4 @@
-"""The `mlip` command: info, train, eval, serve.
+"""The `mlip` command: info, train, eval, serve, ipi.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 heavy imports happen inside ``run`` so `mlip --help` stays fast.
@@ -12,9 +12,10 @@ import sys
 
 SUBCOMMANDS = {
     "info": ("mlip.info", "print a checkpoint's model card and config"),
-    "serve": ("server.cli", "serve checkpoints over HTTP and WebSocket"),
-    "train": ("training.train", "train a potential from a YAML config"),
-    "eval": ("training.evaluate", "evaluate a checkpoint on extended-XYZ data"),
+    "serve": ("mlip.server.cli", "serve checkpoints over HTTP and WebSocket"),
+    "train": ("mlip.training.train", "train a potential from a YAML config"),
+    "eval": ("mlip.training.evaluate", "evaluate a checkpoint on extended-XYZ data"),
+    "ipi": ("mlip.ipi", "answer an i-PI server's force requests (socket client)"),
 }
 
 

@@ -58,10 +58,9 @@ class Structure:
             longest = np.abs(cell[pbc]).max()
             if longest > MAX_EXTENT:
                 raise ValueError(f"cell vectors longer than {MAX_EXTENT:g} Å are not supported, got a component of {longest:.3g} Å")
-            volume = abs(np.linalg.det(cell))
-            if volume < MIN_VOLUME:
-                raise ValueError(f"periodic cell has zero volume ({volume:.3g} Å³): cell vectors are degenerate")
-            heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+        frame = periodic_frame(cell, pbc)
+        if pbc.any():
+            heights = abs(np.linalg.det(frame)) / np.linalg.norm(np.cross(frame[[1, 2, 0]], frame[[2, 0, 1]]), axis=1)
             thin = np.flatnonzero(pbc & (heights < MIN_CELL_HEIGHT))
             if thin.size:
                 k = int(thin[0])
@@ -69,9 +68,9 @@ class Structure:
                     f"periodic cell is only {heights[k]:.3g} Å thick across cell vector {k}, less than {MIN_CELL_HEIGHT:g} Å: "
                     "atoms would overlap their own periodic images"
                 )
-        if len(positions) > 1:
-            spans = np.ptp(positions, axis=0)[~pbc]
-            if spans.size and spans.max() > MAX_EXTENT:
+        if len(positions) > 1 and not pbc.all():
+            spans = np.ptp(positions @ frame[~pbc].T, axis=0)
+            if spans.max() > MAX_EXTENT:
                 raise ValueError(
                     f"positions span {spans.max():.3g} Å along a non-periodic axis, more than {MAX_EXTENT:g} Å: "
                     "atoms that far apart do not interact; evaluate the fragments separately"
@@ -83,6 +82,44 @@ class Structure:
     @classmethod
     def from_atoms(cls, atoms) -> "Structure":
         return cls.from_arrays(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
+
+    @property
+    def has_stress(self) -> bool:
+        """Whether stress is defined: see ``stress_defined``."""
+        return bool(stress_defined(torch.from_numpy(self.cell)[None], torch.from_numpy(self.pbc)[None]))
+
+
+def stress_defined(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: a periodic direction and a cell of non-zero volume (ASE's rule, ``cell.rank == 3``).
+
+    A 2-D material or a slab given with a zero cell vector along its non-periodic direction has
+    energies and forces but no volume to divide the virial by, so no stress (like ASE's own calculators).
+    """
+    return pbc.any(dim=1) & (torch.linalg.det(cell).abs() >= MIN_VOLUME)
+
+
+def periodic_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """The cell with each non-periodic row replaced by a unit vector orthogonal to the periodic ones (Å).
+
+    Its determinant is the volume (3-D), area (2-D) or length (1-D) of the periodic lattice, whatever
+    the non-periodic cell vectors are (zero for ``ase.build.graphene()``, vacuum for a slab); its
+    non-periodic rows are the directions along which a structure has a finite extent.
+    Raises ``ValueError`` when the periodic vectors are degenerate.
+    """
+    frame = np.eye(3)
+    if not pbc.any():
+        return frame
+    periodic = cell[pbc]
+    _, singular, vt = np.linalg.svd(periodic)
+    measure = float(np.prod(singular))
+    if measure < MIN_VOLUME:
+        raise ValueError(
+            f"periodic cell vectors are degenerate ({measure:.3g} Å^{len(periodic)}): they span no "
+            f"{len(periodic)}-dimensional lattice"
+        )
+    frame[pbc] = periodic
+    frame[~pbc] = vt[len(periodic):]
+    return frame
 
 
 @dataclass
@@ -142,15 +179,16 @@ class SpeciesIndex:
 def estimate_edges(structure: Structure, cutoff: float) -> float:
     """Directed edges expected at uniform density: N² · (4/3 π r_c³) / V.
 
-    V is the cell volume over periodic axes and max(span, r_c) over the others, so a tiny periodic
-    cell (every atom sees thousands of its images) or a dense clump is caught before the neighbour
-    search allocates anything.
+    V is the volume of the periodic lattice times max(span, r_c) along each non-periodic direction,
+    so a tiny periodic cell (every atom sees thousands of its images) or a dense clump is caught
+    before the neighbour search allocates anything.
     """
     n = len(structure.numbers)
     if n == 0:
         return 0.0
-    spans = np.maximum(np.ptp(structure.positions, axis=0), cutoff)
-    axes = np.where(structure.pbc[:, None], structure.cell, np.diag(spans))
+    frame = periodic_frame(structure.cell, structure.pbc)
+    spans = np.maximum(np.ptp(structure.positions @ frame.T, axis=0), cutoff)
+    axes = np.where(structure.pbc[:, None], frame, frame * spans[:, None])
     volume = max(abs(float(np.linalg.det(axes))), MIN_VOLUME)
     return n * n * (4.0 / 3.0) * np.pi * cutoff**3 / volume
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
+from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph, stress_defined
 from .model import MLIPModel
 from .properties import compute_properties
 
@@ -86,7 +86,7 @@ class Potential:
     def evaluate_graphs(
         self, graphs: Sequence[AtomicGraph], properties: Iterable[str] = ("energy", "forces")
     ) -> list[dict[str, np.ndarray | float]]:
-        """Like ``evaluate`` for prebuilt graphs. Stress is returned for periodic structures only."""
+        """Like ``evaluate`` for prebuilt graphs. Stress only where it is defined (``stress_defined``)."""
         properties = set(properties)
         unknown = properties - set(PROPERTIES)
         if unknown:
@@ -94,7 +94,8 @@ class Potential:
         if not graphs:
             return []
         graph = batch_graphs(list(graphs)).to(self.device, self.dtype)
-        want_stress = "stress" in properties and bool(graph.pbc.any())
+        has_stress = stress_defined(graph.cell, graph.pbc)
+        want_stress = "stress" in properties and bool(has_stress.any())
         out = compute_properties(self.energy_model, graph, forces="forces" in properties, stress=want_stress)
         counts = graph.num_atoms.tolist()
         energy = out["energy"].detach().cpu().numpy()
@@ -102,7 +103,7 @@ class Potential:
             k: torch.split(out[k].detach().cpu(), counts) for k in ("forces", "energies") if k in properties
         }
         stress = out["stress"].detach().cpu().numpy() if want_stress else None
-        periodic = graph.pbc.any(dim=1).tolist()
+        has_stress = has_stress.tolist()
         results = []
         for b in range(len(counts)):
             r: dict[str, np.ndarray | float] = {"energy": float(energy[b])}
@@ -110,7 +111,7 @@ class Potential:
                 r["free_energy"] = float(energy[b])
             for k, parts in per_atom.items():
                 r[k] = parts[b].numpy()
-            if stress is not None and periodic[b]:
+            if stress is not None and has_stress[b]:
                 r["stress"] = stress[b]
             results.append(r)
         return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph import AtomicGraph
+from .graph import AtomicGraph, stress_defined
 
 
 def compute_properties(
@@ -16,8 +16,9 @@ def compute_properties(
 ) -> dict[str, torch.Tensor]:
     """Energies (eV), forces F = -dE/dx (eV/Å) and stress (1/V) dE/dε (eV/Å³, ASE sign).
 
-    Stress uses a symmetric strain ε applied to positions and cell; structures without a periodic
-    direction get a zero stress. ``training`` keeps the graph so force/stress losses can backpropagate.
+    Stress uses a symmetric strain ε applied to positions and cell; structures without one
+    (``stress_defined``: no periodic direction, or a cell of zero volume) get a zero stress.
+    ``training`` keeps the graph so force/stress losses can backpropagate.
     """
     positions, cell = graph.positions, graph.cell
     inputs = []
@@ -48,7 +49,7 @@ def compute_properties(
             results["forces"] = -grads[0]
         if stress:
             volume = torch.linalg.det(graph.cell).abs()
-            periodic = graph.pbc.any(dim=1)
-            safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
-            results["stress"] = grads[-1] / safe_volume[:, None, None] * periodic[:, None, None]
+            defined = stress_defined(graph.cell, graph.pbc)
+            safe_volume = torch.where(defined, volume, torch.ones_like(volume))
+            results["stress"] = grads[-1] / safe_volume[:, None, None] * defined[:, None, None]
     return results

@@ -23,6 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from . import wire
 from .calculator import ase_results, wanted_properties
+from .graph import Structure
 
 T = TypeVar("T")
 # Retried: the server failed (500, counted and visible in its readiness), is restarting or is overloaded.
@@ -101,7 +102,7 @@ class RemoteCalculator(Calculator):
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        wanted = wanted_properties(properties, bool(self.atoms.pbc.any()))
+        wanted = wanted_properties(properties, Structure.from_atoms(self.atoms).has_stress)
         if self.transport == "ws":
             result = self._retrying(lambda: self._ws_step(self.atoms, wanted))
         else:

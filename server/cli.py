@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: the shipped one)")
+    source.add_argument("--checkpoint", type=Path, help="serve this checkpoint: a file or a shipped name (default: every shipped one)")
     source.add_argument("--models", type=Path, help="serve every *.safetensors in this directory")
     parser.add_argument("--default-model", help="model used when a request names none")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")

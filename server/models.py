@@ -87,10 +87,7 @@ class ModelRegistry:
                 worker.start()
                 self.models[potential.name] = ServedModel(potential, worker, card_summary(path))
                 log.info("serving %s (%s) on %s as %s", potential.name, potential.sha256[:12], potential.device, potential.dtype)
-            default = s.default_model or next(iter(self.models))
-            if default not in self.models:
-                raise ValueError(f"default model {default!r} is not among the served models {sorted(self.models)}")
-            self.default, self.ready = default, True
+            self.default, self.ready = s.default_model_name(list(self.models)), True
         except Exception as err:
             self.error = f"{type(err).__name__}: {err}"
             log.error("loading models failed: %s", self.error)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mlip.checkpoint import DEFAULT_CHECKPOINT
+from mlip.checkpoint import DEFAULT_CHECKPOINT, SHIPPED_DIR, find_checkpoint
 
 
 class Settings(BaseSettings):
@@ -16,9 +16,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MLIP_", extra="ignore")
 
-    checkpoint: Path | None = Field(None, description="serve this one checkpoint (default: the shipped one)")
+    checkpoint: Path | None = Field(None, description="serve this one checkpoint, a file or a shipped name (default: every shipped one)")
     models: Path | None = Field(None, description="serve every *.safetensors in this directory")
-    default_model: str | None = Field(None, description="model used when a request names none")
+    default_model: str | None = Field(
+        None, description=f"model used when a request names none (default: {DEFAULT_CHECKPOINT.stem} if served, else the first)"
+    )
     host: str = Field("127.0.0.1", description="bind address (loopback unless told otherwise)")
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -59,17 +61,23 @@ class Settings(BaseSettings):
 
     def checkpoint_paths(self) -> list[Path]:
         """The checkpoint files to serve; ``ValueError`` if there are none."""
-        if self.models is not None:
-            if not self.models.is_dir():
-                raise ValueError(f"models directory not found: {self.models}")
-            paths = sorted(self.models.glob("*.safetensors"))
-            if not paths:
-                raise ValueError(f"no *.safetensors checkpoints in {self.models}")
-            return paths
-        path = self.checkpoint or DEFAULT_CHECKPOINT
-        if not path.is_file():
-            raise ValueError(f"checkpoint not found: {path}")
-        return [path]
+        if self.checkpoint is not None:
+            return [find_checkpoint(self.checkpoint)]
+        directory = self.models or SHIPPED_DIR
+        if not directory.is_dir():
+            raise ValueError(f"models directory not found: {directory}")
+        paths = sorted(directory.glob("*.safetensors"))
+        if not paths:
+            raise ValueError(f"no *.safetensors checkpoints in {directory} (pass --checkpoint FILE or --models DIR)")
+        return paths
+
+    def default_model_name(self, served: list[str]) -> str:
+        """The model a request without a name gets: ``default_model``, else the shipped default, else the first."""
+        if self.default_model is not None:
+            if self.default_model not in served:
+                raise ValueError(f"default model {self.default_model!r} is not among the served models {sorted(served)}")
+            return self.default_model
+        return DEFAULT_CHECKPOINT.stem if DEFAULT_CHECKPOINT.stem in served else served[0]
 
     def api_keys(self) -> list[str]:
         """Accepted API keys (none set: authentication off). A key or keys file that is set but empty is an

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mlip import MLIPModel, ModelConfig, save_checkpoint
-from server.process import ServerProcess as _ServerProcess
-from server.process import free_port
+from .launcher import ServerProcess as _ServerProcess
+from .launcher import free_port
 
 __all__ = ["ServerProcess", "free_port", "make_checkpoint", "one_torch_thread"]
 SERVER_SPECIES = [1, 6, 7, 8, 13, 29]

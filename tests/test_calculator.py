@@ -56,7 +56,7 @@ def test_float32_calculator(checkpoint, crystal_atoms):
         (Atoms("Fe", positions=[[0, 0, 0]]), r"element\(s\) \['Fe'\] not supported"),
         (Atoms("CO", positions=[[0, 0, 0], [np.nan, 0, 0]]), "NaN or inf"),
         (Atoms("CO", positions=[[0, 0, 0], [np.inf, 0, 0]]), "NaN or inf"),
-        (Atoms("CO", positions=[[0, 0, 0], [1, 0, 0]], cell=[[1, 0, 0], [2, 0, 0], [0, 0, 1]], pbc=True), "zero volume"),
+        (Atoms("CO", positions=[[0, 0, 0], [1, 0, 0]], cell=[[1, 0, 0], [2, 0, 0], [0, 0, 1]], pbc=True), "degenerate"),
         (Atoms("CO", positions=[[0, 0, 0], [0, 0, 0]]), "overlap"),
     ],
     ids=["unknown-element", "nan", "inf", "zero-volume", "overlap"],

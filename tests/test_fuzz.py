@@ -19,8 +19,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from server.app import create_app  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from mlip.server.app import create_app  # noqa: E402
+from mlip.server.settings import Settings  # noqa: E402
 
 from .serverproc import SERVER_SPECIES, make_checkpoint  # noqa: E402
 

@@ -237,7 +237,7 @@ def test_unreachable_server_is_retried_for_the_reconnect_budget(transport):
 
 
 def test_client_defaults_outlast_the_server_deadline():
-    from server.settings import Settings
+    from mlip.server.settings import Settings
 
     calc = RemoteCalculator()
     assert calc.timeout > Settings().request_timeout_s and calc.reconnect_s >= 120

@@ -17,10 +17,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from mlip import Checkpoint, MLIPModel, Potential, Structure
 from mlip.cli import main as cli_main
-from training.config import TrainConfig
-from training.data import LabelKeys, read_samples
-from training.statistics import fit_e0s
-from training.trainer import Trainer
+from mlip.training.config import TrainConfig
+from mlip.training.data import LabelKeys, read_samples
+from mlip.training.statistics import fit_e0s
+from mlip.training.trainer import Trainer
 
 from .emt_data import emt_crystals, write_xyz
 
@@ -126,7 +126,7 @@ def test_e0_fit_recovers_known_values():
     rng = np.random.default_rng(0)
     e0 = {1: -13.6, 8: -2042.6, 6: -1029.8}
     samples = []
-    from training.data import Sample
+    from mlip.training.data import Sample
 
     for _ in range(40):
         numbers = rng.choice([1, 6, 8], size=rng.integers(2, 9))
@@ -141,7 +141,7 @@ def test_e0_fit_recovers_known_values():
 
 def test_e0_fit_on_one_composition_is_reported_not_invented():
     """All configs C2H6O: one equation for three E0s. The fit must say so, not return min-norm nonsense."""
-    from training.data import Sample
+    from mlip.training.data import Sample
 
     rng = np.random.default_rng(1)
     numbers = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])

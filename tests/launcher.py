@@ -1,4 +1,7 @@
-"""Run `mlip serve` as a child process on a free loopback port (demo, load benchmark, tests)."""
+"""Run `mlip serve` as a child process on a free loopback port: for the tests, the benchmarks and the demo.
+
+Not part of the installed package (it needs the repository); only the standard library and httpx.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class ServerProcess:
         self, args: list[str], log_path: Path | None = None, port: int | None = None, env: dict[str, str] | None = None
     ):
         self.args, self.port = args, port or free_port()
+        self.own_log = log_path is None  # a temporary log of ours is removed by stop(); its text goes into errors
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="mlip-serve-", suffix=".log")[1])
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
@@ -43,18 +47,23 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlip serve exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+                raise self._failed(RuntimeError, f"mlip serve exited with {self.process.returncode}")
             try:
                 if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        raise self._failed(TimeoutError, f"mlip serve not ready after {timeout_s} s")
+
+    def _failed(self, kind: type[Exception], what: str) -> Exception:
+        """Stop the server and return ``kind`` with ``what`` and the server's log."""
+        log = self.log_path.read_text()
         self.stop()
-        raise TimeoutError(f"mlip serve not ready after {timeout_s} s:\n{self.log_path.read_text()}")
+        return kind(f"{what}:\n{log}")
 
     def stop(self) -> None:
-        """Terminate (SIGTERM, then SIGKILL after 15 s) and wait for the process."""
+        """Terminate (SIGTERM, then SIGKILL after 15 s), wait for the process, remove our temporary log."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -62,6 +71,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
