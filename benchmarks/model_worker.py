@@ -17,8 +17,11 @@ from ase.io import read
 
 from common import SPECIES, claim_stdout, peak_rss_mb, set_threads, worker_loop
 
-MODELS = ("ours", "ours-compiled", "mace-small", "mace-medium")  # ours-compiled: Potential(compile=True)
-MACE_HIDDEN_IRREPS = {"mace-small": "64x0e", "mace-medium": "128x0e+128x1o"}
+MODELS = ("ours", "ours-32", "ours-compiled", "mace-small", "mace-L1-64", "mace-medium")  # ours-compiled: compile=True
+# ours: the default ModelConfig (64 channels); ours-32: the shipped checkpoints' size (equal_budget.py trains it)
+OURS_CONFIG = {"ours": {}, "ours-32": {"num_channels": 32}, "ours-compiled": {}}
+# mace-L1-64 is the MACE that benchmarks/equal_budget.py trains (64 channels, max_L 1)
+MACE_HIDDEN_IRREPS = {"mace-small": "64x0e", "mace-L1-64": "64x0e+64x1o", "mace-medium": "128x0e+128x1o"}
 STAGES = ("model", "full")  # model: prebuilt graph -> energy+forces; full: also neighbour list + batching
 CUTOFF_A = 5.0
 
@@ -26,11 +29,12 @@ Evaluator = Callable[[], Any]
 Built = tuple[Evaluator, dict[str, Any], torch.nn.Module]  # evaluate(), its info, the torch module inside
 
 
-def ours_evaluator(frames: list, dtype: str, stage: str, device: str, compile: bool = False) -> Built:
-    """Our default ModelConfig (random weights) behind mlip.Potential; energy + forces as numpy."""
+def ours_evaluator(frames: list, preset: str, dtype: str, stage: str, device: str) -> Built:
+    """Our ModelConfig of ``preset`` (random weights) behind mlip.Potential; energy + forces as numpy."""
     from mlip import MLIPModel, ModelConfig, Potential, Structure, batch_graphs
 
-    model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A))
+    model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A, **OURS_CONFIG[preset]))
+    compile = preset == "ours-compiled"
     potential = Potential(model, device=device, dtype=dtype, compile=compile)
 
     def build():
@@ -106,7 +110,7 @@ def make_evaluator(model: str, frames: list, dtype: str, stage: str, device: str
     """Build ``model`` (random weights from ``seed``) and a no-argument energy+forces call on ``frames``."""
     torch.manual_seed(seed)
     if model.startswith("ours"):
-        evaluate, info, module = ours_evaluator(frames, dtype, stage, device, compile=model == "ours-compiled")
+        evaluate, info, module = ours_evaluator(frames, model, dtype, stage, device)
     else:
         evaluate, info, module = mace_evaluator(frames, model, dtype, stage, device)
     return evaluate, {**info, "n_atoms": sum(len(a) for a in frames), "n_structures": len(frames)}, module
