@@ -1,4 +1,4 @@
-"""Loading, warming up and looking up the served models (one batching worker each)."""
+"""Loading, warming up and looking up the served models (one batching worker each, taking turns per device)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .errors import ApiError
 from .metrics import Metrics
 from .schemas import ModelInfo, ModelRef
 from .settings import Settings
-from .worker import BatchWorker
+from .worker import BatchWorker, DeviceTurns
 
 log = logging.getLogger("mlip.server")
 ALL_PROPERTIES = ("energy", "free_energy", "forces", "stress", "energies")
@@ -76,13 +76,16 @@ class ModelRegistry:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
+        device_turns: dict[str, DeviceTurns] = {}
         try:
             for path in s.checkpoint_paths():
                 pin = s.checkpoint_sha256.get(path.stem)
                 potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin)
                 warm_up(potential)
+                turns = device_turns.setdefault(str(potential.device), DeviceTurns())  # one pass at a time per device
                 worker = BatchWorker(
-                    potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue, s.max_edges_per_structure
+                    potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue,
+                    s.max_edges_per_structure, turns,
                 )
                 worker.start()
                 self.models[potential.name] = ServedModel(potential, worker, card_summary(path))

@@ -1,4 +1,4 @@
-"""The batching worker: one thread per model owns its device and runs micro-batches from a bounded queue.
+"""The batching worker: one thread per model runs micro-batches from a bounded queue on its device.
 
 Whenever the thread is free it takes every waiting structure (up to an atom budget) as one batch,
 runs one batched forward pass and hands each result to its caller's event loop. Requests that
@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -29,6 +30,32 @@ Outcome = dict[str, Any] | ApiError
 
 class QueueFull(Exception):
     """The queue has no room for the request's structures."""
+
+
+class DeviceTurns:
+    """One forward pass at a time on a device, shared by the workers of every model served there.
+
+    A ticket lock: workers get the device in the order they asked for it, so several models on one
+    GPU neither run concurrently (competing for memory and cores) nor starve one another.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._now_serving = 0
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._now_serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._now_serving += 1
+                self._cond.notify_all()
 
 
 @dataclass(eq=False)
@@ -71,8 +98,11 @@ class BatchWorker:
         max_wait_s: float = 0.0,
         max_queue: int = 1024,
         max_batch_edges: int = 1 << 62,
+        device_turns: DeviceTurns | None = None,
     ) -> None:
+        """``device_turns`` is shared by the workers of all models on the same device (default: this one alone)."""
         self.potential, self.metrics, self.name = potential, metrics, potential.name
+        self.device_turns = device_turns or DeviceTurns()
         self.max_batch_atoms, self.max_wait_s, self.max_queue = max_batch_atoms, max_wait_s, max_queue
         self.max_batch_edges = max_batch_edges  # memory scales with edges: a batch never exceeds this many
         self._queue: deque[Job] = deque()
@@ -175,13 +205,14 @@ class BatchWorker:
     def _run(self, batch: list[Job]) -> None:
         """Evaluate one batch and deliver every outcome; never lets an exception kill the thread."""
         start = time.perf_counter()
-        try:
-            outcomes = self._evaluate(batch)
-        except Exception as err:  # unexpected failure of the whole batch: isolate the culprit
-            log.warning("batch of %d failed (%r); retrying one by one", len(batch), err)
-            outcomes = None
-        if outcomes is None:  # outside the except block: the failed pass's tensors are released first
-            outcomes = [self._evaluate_alone(job) for job in batch]
+        with self.device_turns.turn():
+            try:
+                outcomes = self._evaluate(batch)
+            except Exception as err:  # unexpected failure of the whole batch: isolate the culprit
+                log.warning("batch of %d failed (%r); retrying one by one", len(batch), err)
+                outcomes = None
+            if outcomes is None:  # outside the except block: the failed pass's tensors are released first
+                outcomes = [self._evaluate_alone(job) for job in batch]
         failed = all(isinstance(o, ApiError) and o.status >= 500 for o in outcomes)
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ from mlip import Potential, Structure, wire
 from mlip.server.app import create_app
 from mlip.server.metrics import Metrics
 from mlip.server.settings import Settings
-from mlip.server.worker import BatchWorker
+from mlip.server.worker import BatchWorker, DeviceTurns
 
 from .serverproc import make_checkpoint, one_torch_thread  # noqa: F401
 
@@ -590,3 +590,51 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
     assert settings.host == "127.0.0.1" and settings.port == 8000 and settings.device == "auto"
     assert Settings(max_batch_atoms=7).max_batch_atoms == 7
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-device", "separate-devices"])
+def test_models_on_one_device_take_turns(checkpoint, shared):
+    """Two models' workers on one device never run forward passes at the same time, and alternate
+    (the control with separate turn-keepers overlaps, so the check can fail)."""
+    intervals: list[tuple[str, float, float]] = []
+
+    def recording(potential: Potential, name: str):
+        original = potential.evaluate_graphs
+
+        def evaluate_graphs(graphs, properties):
+            start = time.perf_counter()
+            time.sleep(0.02)
+            result = original(graphs, properties)
+            intervals.append((name, start, time.perf_counter()))
+            return result
+
+        potential.evaluate_graphs = evaluate_graphs
+        return potential
+
+    turns = DeviceTurns()
+    workers = [
+        BatchWorker(recording(Potential.load(checkpoint), name), Metrics(), max_batch_atoms=3,
+                    device_turns=turns if shared else None)
+        for name in ("a", "b")
+    ]
+    graph = workers[0].potential.graph(Structure.from_atoms(molecule("H2O")))
+    for worker in workers:
+        worker.start()
+
+    async def run() -> None:
+        futures = [f for _ in range(6) for worker in workers for f in worker.submit([graph], {"energy"})]
+        await asyncio.gather(*futures)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for worker in workers:
+            worker.stop()
+    intervals.sort(key=lambda i: i[1])
+    overlaps = sum(later[1] < earlier[2] for earlier, later in zip(intervals, intervals[1:]))
+    if shared:
+        assert overlaps == 0
+        switches = sum(x[0] != y[0] for x, y in zip(intervals, intervals[1:]))
+        assert switches >= 6  # fair turns: neither model waits for the other's whole queue
+    else:
+        assert overlaps > 0
