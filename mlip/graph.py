@@ -86,7 +86,13 @@ class Structure:
     @property
     def has_stress(self) -> bool:
         """Whether stress is defined: see ``stress_defined``."""
-        return bool(stress_defined(torch.from_numpy(self.cell)[None], torch.from_numpy(self.pbc)[None]))
+        return cell_has_stress(self.cell, self.pbc)
+
+
+def cell_has_stress(cell, pbc) -> bool:
+    """``stress_defined`` for one cell (3, 3) Å and pbc (3,), without validating a whole structure."""
+    cell, pbc = torch.as_tensor(np.asarray(cell, dtype=np.float64)), torch.as_tensor(np.asarray(pbc, dtype=bool))
+    return bool(stress_defined(cell[None], pbc[None]))
 
 
 def stress_defined(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ase.calculators.socketio import SocketClient
     from ase.io import read
 
-    from .graph import Structure
+    from .graph import cell_has_stress
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, port = parse_address(args.address) if args.address else ("localhost", None)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from .calculator import MLIPCalculator
 
         atoms.calc = MLIPCalculator(args.checkpoint, device=args.device, dtype=args.dtype)
-    use_stress = Structure.from_atoms(atoms).has_stress  # the virial: periodic cells of non-zero volume
+    use_stress = cell_has_stress(atoms.cell.array, atoms.pbc)  # the virial: periodic cells of non-zero volume
     log.info("%d atoms (%s), %s, virial %s; connecting to i-PI at %s", len(atoms), atoms.get_chemical_formula(),
              args.server or args.checkpoint, "on" if use_stress else "off", args.unix or f"{host}:{port}")
     deadline = time.monotonic() + args.wait

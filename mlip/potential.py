@@ -66,7 +66,7 @@ class Potential:
     ) -> "Potential":
         """Load a verified checkpoint; ``sha256`` pins it (``ValueError`` for any other file)."""
         ckpt = Checkpoint(path, sha256)
-        return cls(ckpt.build_model(), device, dtype, Path(path).stem, ckpt.sha256, ckpt.metadata, compile)
+        return cls(ckpt.build_model(), device, dtype, ckpt.path.stem, ckpt.sha256, ckpt.metadata, compile)
 
     @property
     def cutoff(self) -> float:
@@ -103,7 +103,7 @@ class Potential:
             k: torch.split(out[k].detach().cpu(), counts) for k in ("forces", "energies") if k in properties
         }
         stress = out["stress"].detach().cpu().numpy() if want_stress else None
-        has_stress = has_stress.tolist()
+        stress_of = has_stress.tolist()
         results = []
         for b in range(len(counts)):
             r: dict[str, np.ndarray | float] = {"energy": float(energy[b])}
@@ -111,7 +111,7 @@ class Potential:
                 r["free_energy"] = float(energy[b])
             for k, parts in per_atom.items():
                 r[k] = parts[b].numpy()
-            if stress is not None and has_stress[b]:
+            if stress is not None and stress_of[b]:
                 r["stress"] = stress[b]
             results.append(r)
         return results

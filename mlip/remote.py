@@ -23,7 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from . import wire
 from .calculator import ase_results, wanted_properties
-from .graph import Structure
+from .graph import cell_has_stress
 
 T = TypeVar("T")
 # Retried: the server failed (500, counted and visible in its readiness), is restarting or is overloaded.
@@ -102,7 +102,7 @@ class RemoteCalculator(Calculator):
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        wanted = wanted_properties(properties, Structure.from_atoms(self.atoms).has_stress)
+        wanted = wanted_properties(properties, cell_has_stress(self.atoms.cell.array, self.atoms.pbc))
         if self.transport == "ws":
             result = self._retrying(lambda: self._ws_step(self.atoms, wanted))
         else:
