@@ -10,6 +10,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .graph import Structure
 from .potential import Potential
+from .verlet import DEFAULT_SKIN, VerletGraphs
 
 
 class MLIPCalculator(Calculator):
@@ -24,20 +25,24 @@ class MLIPCalculator(Calculator):
         dtype: str = "float64",
         compile: bool = False,
         sha256: str | None = None,
+        skin: float = DEFAULT_SKIN,
         **kwargs,
     ):
         """``compile=True`` runs the model through torch.compile: faster steps after a slow first call.
-        ``sha256`` pins the checkpoint: any other file is refused with a ``ValueError``."""
+        ``sha256`` pins the checkpoint: any other file is refused with a ``ValueError``.
+        ``skin`` (Å): the neighbour search is reused until an atom has moved half this far (0: every step)."""
         super().__init__(**kwargs)
         self.potential = (
             checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256)
         )
+        self.neighbors = VerletGraphs(self.potential.species_index, self.potential.cutoff, skin)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = Structure.from_atoms(self.atoms)
         wanted = wanted_properties(properties, structure.has_stress)
-        (result,) = self.potential.evaluate([structure], wanted)
+        graph = self.neighbors.graph(structure, self.potential.max_edges)
+        (result,) = self.potential.evaluate_graphs([graph], wanted)
         self.results = ase_results(result)
 
 

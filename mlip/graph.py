@@ -154,11 +154,16 @@ class AtomicGraph:
         """Move to a device; floating tensors (positions, cell, shifts, forces) also to ``dtype``.
 
         Energy and stress targets stay float64: the model's energies are float64 whatever its dtype.
+        Host tensors go to a GPU from pinned memory without blocking (cast first, so fewer bytes travel).
         """
+        to_gpu = device is not None and torch.device(device).type == "cuda"
 
         def move(t: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:
             cast = dtype is not None and t.is_floating_point() and not keep_float64
-            return t.to(device=device, dtype=dtype if cast else None)
+            t = t.to(dtype=dtype if cast else None)
+            if to_gpu and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device=device)
 
         moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "targets"}
         targets = {k: move(v, k in FLOAT64_TARGETS) for k, v in self.targets.items()}
@@ -199,6 +204,64 @@ def estimate_edges(structure: Structure, cutoff: float) -> float:
     return n * n * (4.0 / 3.0) * np.pi * cutoff**3 / volume
 
 
+def check_size(structure: Structure, cutoff: float, max_edges: int = DEFAULT_MAX_EDGES) -> None:
+    """``ValueError`` when the structure would have more than ``max_edges`` edges within ``cutoff`` (estimated,
+    before any neighbour search allocates them) or is denser than any matter."""
+    estimate = estimate_edges(structure, cutoff)
+    per_atom = estimate / max(len(structure.numbers), 1)
+    if per_atom > MAX_NEIGHBORS_PER_ATOM:
+        raise ValueError(
+            f"structure too dense: about {per_atom:.3g} neighbours per atom within {cutoff:g} Å, more than "
+            f"{MAX_NEIGHBORS_PER_ATOM} (a periodic cell much smaller than the cutoff, or atoms piled up?)"
+        )
+    if estimate > max_edges:
+        raise ValueError(
+            f"structure too large: about {estimate:.3g} neighbour pairs within {cutoff:g} Å, more than the limit of "
+            f"{max_edges} (~36 kB each; in-process, raise Potential.max_edges if the memory is there)"
+        )
+
+
+def pair_lengths(structure: Structure, receiver: np.ndarray, sender: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """|x_j - x_i + S·cell| of each pair (Å)."""
+    vectors = structure.positions[sender] - structure.positions[receiver] + shifts @ structure.cell
+    return np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+
+
+def graph_from_pairs(
+    structure: Structure,
+    species: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    lengths: np.ndarray,
+    cutoff: float,
+    targets: dict | None = None,
+    max_edges: int = DEFAULT_MAX_EDGES,
+) -> AtomicGraph:
+    """The graph of the pairs (receiver, sender, integer shift) with ``lengths`` < ``cutoff``.
+
+    ``ValueError`` when there are more than ``max_edges`` of them or two atoms overlap.
+    """
+    receiver, sender, shifts = pairs
+    if len(receiver) and lengths.max() >= cutoff:
+        keep = lengths < cutoff
+        receiver, sender, shifts, lengths = receiver[keep], sender[keep], shifts[keep], lengths[keep]
+    if len(receiver) > max_edges:
+        raise ValueError(f"structure has {len(receiver)} neighbour pairs within {cutoff:g} Å, more than the limit of {max_edges}")
+    if len(receiver) and lengths.min() < MIN_DISTANCE:
+        k = int(lengths.argmin())
+        raise ValueError(f"atoms {receiver[k]} and {sender[k]} overlap (distance {lengths[k]:.2g} Å)")
+    return AtomicGraph(
+        species=torch.from_numpy(species),
+        positions=torch.from_numpy(structure.positions),
+        cell=torch.from_numpy(structure.cell).unsqueeze(0),
+        pbc=torch.from_numpy(structure.pbc).unsqueeze(0),
+        edge_index=torch.from_numpy(np.stack([receiver, sender])),
+        edge_shift=torch.from_numpy(shifts.astype(np.float64)),
+        batch=torch.zeros(len(species), dtype=torch.int64),
+        num_atoms=torch.tensor([len(species)]),
+        targets={k: _target_tensor(k, v) for k, v in (targets or {}).items()},
+    )
+
+
 def build_graph(
     structure: Structure,
     species_index: SpeciesIndex,
@@ -212,40 +275,9 @@ def build_graph(
     ``max_edges`` edges (estimated), and after it when the real count exceeds it.
     """
     species = species_index(structure.numbers)
-    estimate = estimate_edges(structure, cutoff)
-    per_atom = estimate / max(len(species), 1)
-    if per_atom > MAX_NEIGHBORS_PER_ATOM:
-        raise ValueError(
-            f"structure too dense: about {per_atom:.3g} neighbours per atom within {cutoff:g} Å, more than "
-            f"{MAX_NEIGHBORS_PER_ATOM} (a periodic cell much smaller than the cutoff, or atoms piled up?)"
-        )
-    if estimate > max_edges:
-        raise ValueError(
-            f"structure too large: about {estimate:.3g} neighbour pairs within {cutoff:g} Å, more than the limit of "
-            f"{max_edges} (~36 kB each; in-process, raise Potential.max_edges if the memory is there)"
-        )
-    receiver, sender, shifts = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
-    if len(receiver) > max_edges:
-        raise ValueError(f"structure has {len(receiver)} neighbour pairs within {cutoff:g} Å, more than the limit of {max_edges}")
-    if len(receiver):
-        vectors = structure.positions[sender] - structure.positions[receiver] + shifts @ structure.cell
-        lengths = np.linalg.norm(vectors, axis=1)
-        if lengths.min() < MIN_DISTANCE:
-            k = int(lengths.argmin())
-            raise ValueError(
-                f"atoms {receiver[k]} and {sender[k]} overlap (distance {lengths[k]:.2g} Å)"
-            )
-    return AtomicGraph(
-        species=torch.from_numpy(species),
-        positions=torch.from_numpy(structure.positions),
-        cell=torch.from_numpy(structure.cell).unsqueeze(0),
-        pbc=torch.from_numpy(structure.pbc).unsqueeze(0),
-        edge_index=torch.from_numpy(np.stack([receiver, sender])),
-        edge_shift=torch.from_numpy(shifts.astype(np.float64)),
-        batch=torch.zeros(len(species), dtype=torch.int64),
-        num_atoms=torch.tensor([len(species)]),
-        targets={k: _target_tensor(k, v) for k, v in (targets or {}).items()},
-    )
+    check_size(structure, cutoff, max_edges)
+    pairs = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+    return graph_from_pairs(structure, species, pairs, pair_lengths(structure, *pairs), cutoff, targets, max_edges)
 
 
 def _target_tensor(key: str, value) -> torch.Tensor:

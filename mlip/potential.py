@@ -93,25 +93,27 @@ class Potential:
             raise ValueError(f"unknown properties {sorted(unknown)}; choose from {list(PROPERTIES)}")
         if not graphs:
             return []
-        graph = batch_graphs(list(graphs)).to(self.device, self.dtype)
-        has_stress = stress_defined(graph.cell, graph.pbc)
-        want_stress = "stress" in properties and bool(has_stress.any())
-        out = compute_properties(self.energy_model, graph, forces="forces" in properties, stress=want_stress)
-        counts = graph.num_atoms.tolist()
-        energy = out["energy"].detach().cpu().numpy()
-        per_atom = {
-            k: torch.split(out[k].detach().cpu(), counts) for k in ("forces", "energies") if k in properties
-        }
-        stress = out["stress"].detach().cpu().numpy() if want_stress else None
-        stress_of = has_stress.tolist()
+        host = batch_graphs(list(graphs))
+        counts = host.num_atoms.tolist()  # read on the host: no device synchronisation before the forward pass
+        has_stress = stress_defined(host.cell, host.pbc).tolist()
+        want_stress = "stress" in properties and any(has_stress)
+        out = compute_properties(self.energy_model, host.to(self.device, self.dtype), forces="forces" in properties, stress=want_stress)
+        keys = ["energy"] + [k for k in ("forces", "energies") if k in properties] + (["stress"] if want_stress else [])
+        # one device -> host copy for everything, in float64
+        flat = torch.cat([out[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu().numpy()
+        arrays = dict(zip(keys, np.split(flat, np.cumsum([out[k].numel() for k in keys])[:-1])))
+        starts = np.cumsum([0] + counts)
         results = []
         for b in range(len(counts)):
-            r: dict[str, np.ndarray | float] = {"energy": float(energy[b])}
+            energy = float(arrays["energy"][b])
+            r: dict[str, np.ndarray | float] = {"energy": energy}
             if "free_energy" in properties:
-                r["free_energy"] = float(energy[b])
-            for k, parts in per_atom.items():
-                r[k] = parts[b].numpy()
-            if stress is not None and stress_of[b]:
-                r["stress"] = stress[b]
+                r["free_energy"] = energy
+            if "forces" in arrays:
+                r["forces"] = arrays["forces"].reshape(-1, 3)[starts[b] : starts[b + 1]]
+            if "energies" in arrays:
+                r["energies"] = arrays["energies"][starts[b] : starts[b + 1]]
+            if want_stress and has_stress[b]:
+                r["stress"] = arrays["stress"].reshape(-1, 3, 3)[b]
             results.append(r)
         return results

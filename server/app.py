@@ -19,7 +19,7 @@ from mlip import __version__, wire
 
 from .auth import ApiKeys, AuthMiddleware
 from .errors import ApiError
-from .inputs import build_graphs, decode_body, evaluate, off_loop, parse, read_body
+from .inputs import ON_LOOP_MAX_ATOMS, ON_LOOP_MAX_BODY_BYTES, build_graphs, decode_body, evaluate, off_loop, parse, read_body
 from .metrics import Metrics, MetricsMiddleware
 from .models import ModelRegistry
 from .schemas import CalculateRequest, CalculateResponse, ErrorResponse, ModelsResponse, StreamStart, StreamStep
@@ -91,9 +91,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def calculate(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes)
-        data = await off_loop(lambda: parse(CALCULATE_REQUEST, decode_body(body, request.headers.get("content-type"))))
+        content_type = request.headers.get("content-type")
+        data = await off_loop(
+            lambda: parse(CALCULATE_REQUEST, decode_body(body, content_type)), small=len(body) <= ON_LOOP_MAX_BODY_BYTES
+        )
         served = registry.get(data.model)
-        graphs = await off_loop(build_graphs, served.potential, settings, data.structures)
+        atoms = sum(len(s.numbers) for s in data.structures)
+        graphs = await off_loop(build_graphs, served.potential, settings, data.structures, small=atoms <= ON_LOOP_MAX_ATOMS)
         results = await evaluate(served, settings, graphs, data.properties, "structures")
         return encode({"model": served.ref, "results": results}, request.headers.get("accept"))
 

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlip.checkpoint import DEFAULT_CHECKPOINT, SHIPPED_DIR, find_checkpoint
+from mlip.verlet import DEFAULT_SKIN
 
 
 class Settings(BaseSettings):
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     )
     max_edges_per_structure: int = Field(
         250_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
+    )
+    neighbor_skin: float = Field(
+        DEFAULT_SKIN, ge=0, le=2.0, description="Å; a WebSocket session reuses its neighbour search until an atom moves half this far"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body or WebSocket frame")
     request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")

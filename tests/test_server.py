@@ -232,7 +232,8 @@ def test_stream_session(client, reference):
         moved.positions -= 0.02  # the session survived the bad steps and kept the changed cell
         ws.send_bytes(wire.packb({"type": "step", "id": 6, "positions": moved.positions}))
         reply = wire.unpackb(ws.receive_bytes())
-        assert_same(reply["results"], reference.evaluate([Structure.from_atoms(moved)], ALL)[0], atol=0)
+        # the session reused its neighbour search: the same edges in another order, so equal to round-off
+        assert_same(reply["results"], reference.evaluate([Structure.from_atoms(moved)], ALL)[0], atol=1e-12)
 
 
 def test_openapi_models_health_metrics(client, reference):

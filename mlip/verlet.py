@@ -1,0 +1,68 @@
+"""Neighbour-list reuse across the steps of one simulation (a Verlet skin).
+
+One search collects every pair within r_c + skin; each later step only measures those candidate
+pairs and keeps the ones within r_c. That is exactly the fresh neighbour list as long as no atom
+has moved more than skin/2 since the search (two atoms then close in by at most the skin), so the
+search reruns when one has, and whenever the atoms, the cell or the periodicity change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import (
+    DEFAULT_MAX_EDGES,
+    AtomicGraph,
+    SpeciesIndex,
+    Structure,
+    check_size,
+    graph_from_pairs,
+    pair_lengths,
+)
+from .neighbors import neighbor_list
+
+DEFAULT_SKIN = 0.5  # Å: an MD step moves atoms ~0.01 Å, so one search serves tens of steps
+
+
+class VerletGraphs:
+    """Graphs of successive configurations of one simulation, from a reused neighbour search."""
+
+    def __init__(self, species_index: SpeciesIndex, cutoff: float, skin: float = DEFAULT_SKIN):
+        if not skin >= 0:
+            raise ValueError(f"neighbour-list skin must be >= 0 Å, got {skin}")
+        self.species_index, self.cutoff, self.skin = species_index, cutoff, skin
+        self._reference: Structure | None = None  # the structure the candidates were searched for
+        self._species = np.zeros(0, dtype=np.int64)
+        self._pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.searches = 0  # neighbour searches run so far (the rest of the calls reused one)
+
+    def reusable(self, structure: Structure) -> bool:
+        """Whether ``graph(structure)`` can reuse the last search: same atoms, cell and pbc, and no atom
+        moved more than skin/2 (cheap: call it on an event loop to decide where the work goes)."""
+        ref = self._reference
+        if ref is None or not (
+            np.array_equal(structure.numbers, ref.numbers)
+            and np.array_equal(structure.cell, ref.cell)
+            and np.array_equal(structure.pbc, ref.pbc)
+        ):
+            return False
+        moved = structure.positions - ref.positions
+        return bool(np.einsum("ij,ij->i", moved, moved).max(initial=0.0) <= (0.5 * self.skin) ** 2)
+
+    def graph(self, structure: Structure, max_edges: int = DEFAULT_MAX_EDGES) -> AtomicGraph:
+        """The structure's graph within the cutoff: the same edges as ``build_graph`` (``ValueError`` likewise)."""
+        if not self.reusable(structure):
+            self._search(structure, max_edges)
+        assert self._pairs is not None
+        lengths = pair_lengths(structure, *self._pairs)
+        return graph_from_pairs(structure, self._species, self._pairs, lengths, self.cutoff, max_edges=max_edges)
+
+    def _search(self, structure: Structure, max_edges: int) -> None:
+        self._reference = None  # a failed search must not leave the previous candidates in place
+        species = self.species_index(structure.numbers)
+        check_size(structure, self.cutoff, max_edges)
+        self._pairs = neighbor_list(structure.positions, structure.cell, structure.pbc, self.cutoff + self.skin)
+        # copies: ASE updates atoms.positions in place, and a view would follow the atoms it should measure
+        self._species = species
+        self._reference = Structure(*(np.array(a) for a in (structure.numbers, structure.positions, structure.cell, structure.pbc)))
+        self.searches += 1
