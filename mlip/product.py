@@ -8,7 +8,8 @@ The generalised Clebsch-Gordan tensors U are built here from e3nn's Wigner 3j sy
 symmetrised over the ν input slots and reduced to an orthonormal basis (Gram-Schmidt in a fixed
 order, so the basis, and with it the meaning of trained weights, is the same on every machine), so
 no weight multiplies a redundant or vanishing coupling path. Because A ⊗ ... ⊗ A is symmetric, the
-contraction is evaluated on the distinct monomials A_i A_j A_k (i ≤ j ≤ k) with one matrix product per degree, instead of
+contraction is evaluated on the distinct monomials A_i A_j A_k (i ≤ j ≤ k), each degree's from the previous
+one's times one component, with one matrix product per degree, instead of
 MACE's dense (2l+1)^ν einsums or cuequivariance's per-path fallback (7x slower on the CPU here).
 """
 
@@ -131,7 +132,11 @@ class SymmetricContraction(nn.Module):
             stacked = torch.cat([b.reshape(b.shape[0], -1) for b in bases], dim=1).T.contiguous()
             self._basis64.append(stacked)
             self.register_buffer(f"basis_{degree}", stacked, persistent=False)
-            self.register_buffer(f"monomials_{degree}", index, persistent=False)
+            if degree > 1:  # monomial i1..iν = (monomial i1..iν-1 of the previous degree) * x_iν: one product per degree
+                previous = {tuple(t): k for k, t in enumerate(_monomials(sum(self.dims_in), degree - 1)[0].tolist())}
+                parents = torch.tensor([previous[tuple(t)] for t in index[:, :-1].tolist()], dtype=torch.int64)
+                self.register_buffer(f"parents_{degree}", parents, persistent=False)
+                self.register_buffer(f"lasts_{degree}", index[:, -1].contiguous(), persistent=False)
             total = sum(self.num_basis[-1])
             self.register_parameter(
                 f"weights_{degree}", nn.Parameter(torch.randn(num_species, total, self.channels) / math.sqrt(max(total, 1)))
@@ -152,11 +157,11 @@ class SymmetricContraction(nn.Module):
         blocks = features.split([u * d for d in self.dims_in], dim=1)
         x = torch.cat([b.reshape(n, u, -1).permute(2, 0, 1) for b in blocks], dim=0).reshape(-1, n * u)
         outputs = [features.new_zeros(m, n, u) for m in self.dims_out]
+        monomial = x
         for degree in range(1, self.correlation + 1):
-            index = getattr(self, f"monomials_{degree}")
-            monomial = x.index_select(0, index[:, 0])
-            for j in range(1, degree):
-                monomial = monomial * x.index_select(0, index[:, j])
+            if degree > 1:
+                parents, lasts = getattr(self, f"parents_{degree}"), getattr(self, f"lasts_{degree}")
+                monomial = monomial.index_select(0, parents) * x.index_select(0, lasts)
             projected = getattr(self, f"basis_{degree}").to(x.dtype) @ monomial  # (Σ M·K, N·u)
             weights = getattr(self, f"weights_{degree}")[species].transpose(0, 1)  # (Σ K, N, u)
             start_p, start_w = 0, 0
