@@ -36,10 +36,21 @@ class MLIPCalculator(Calculator):
             checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256)
         )
         self.neighbors = VerletGraphs(self.potential.species_index, self.potential.cutoff, skin)
+        self._structure: Structure | None = None  # the last structure evaluated
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        structure = Structure.from_atoms(self.atoms)
+        atoms, last = self.atoms, self._structure
+        if (
+            last is not None
+            and np.array_equal(atoms.numbers, last.numbers)
+            and np.array_equal(atoms.cell.array, last.cell)
+            and np.array_equal(atoms.pbc, last.pbc)
+        ):
+            structure = last.moved_to(atoms.positions)  # an MD step: numbers, cell and pbc were validated already
+        else:
+            structure = Structure.from_atoms(atoms)
+        self._structure = structure
         wanted = wanted_properties(properties, structure.has_stress)
         graph = self.neighbors.graph(structure, self.potential.max_edges)
         (result,) = self.potential.evaluate_graphs([graph], wanted)

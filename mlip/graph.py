@@ -25,12 +25,20 @@ FLOAT64_TARGETS = ("energy", "stress")  # totals of ~1e4 eV: float32 would round
 
 @dataclass
 class Structure:
-    """One validated structure: numbers (N,), positions (N, 3) Å, cell (3, 3) Å rows, pbc (3,)."""
+    """One validated structure: numbers (N,), positions (N, 3) Å, cell (3, 3) Å rows, pbc (3,).
+
+    ``frame`` is the cell's ``periodic_frame`` (computed when not given).
+    """
 
     numbers: np.ndarray
     positions: np.ndarray
     cell: np.ndarray
     pbc: np.ndarray
+    frame: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.frame is None:
+            self.frame = periodic_frame(self.cell, self.pbc)
 
     @classmethod
     def from_arrays(cls, numbers, positions, cell=None, pbc=None) -> "Structure":
@@ -39,21 +47,13 @@ class Structure:
         if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer) and numbers.size:
             raise ValueError(f"numbers must be a 1-D list of atomic numbers, got shape {numbers.shape}")
         numbers = numbers.astype(np.int64)
-        positions = np.asarray(positions, dtype=np.float64)
-        if positions.shape != (len(numbers), 3):
-            raise ValueError(
-                f"positions must have shape ({len(numbers)}, 3) to match numbers, got {positions.shape}"
-            )
-        if not np.isfinite(positions).all():
-            raise ValueError("positions contain NaN or inf")
+        positions = _checked_positions(positions, len(numbers))
         cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
         if cell.shape != (3, 3):
             raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
         if not np.isfinite(cell).all():
             raise ValueError("cell contains NaN or inf")
         pbc = np.zeros(3, dtype=bool) if pbc is None else np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
-        if positions.size and np.abs(positions).max() > MAX_COORDINATE:
-            raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {np.abs(positions).max():.3g} Å")
         if pbc.any():
             longest = np.abs(cell[pbc]).max()
             if longest > MAX_EXTENT:
@@ -68,16 +68,17 @@ class Structure:
                     f"periodic cell is only {heights[k]:.3g} Å thick across cell vector {k}, less than {MIN_CELL_HEIGHT:g} Å: "
                     "atoms would overlap their own periodic images"
                 )
-        if len(positions) > 1 and not pbc.all():
-            spans = np.ptp(positions @ frame[~pbc].T, axis=0)
-            if spans.max() > MAX_EXTENT:
-                raise ValueError(
-                    f"positions span {spans.max():.3g} Å along a non-periodic axis, more than {MAX_EXTENT:g} Å: "
-                    "atoms that far apart do not interact; evaluate the fragments separately"
-                )
+        _check_spans(positions, pbc, frame)
         if (numbers < 1).any() or (numbers > 118).any():
             raise ValueError(f"numbers must be atomic numbers 1..118, got {sorted(set(numbers.tolist()))}")
-        return cls(numbers, positions, cell, pbc)
+        return cls(numbers, positions, cell, pbc, frame)
+
+    def moved_to(self, positions) -> "Structure":
+        """The same atoms, cell and pbc at new positions (Å), checking only what positions can break
+        (an MD step: numbers and cell were validated with the first frame)."""
+        positions = _checked_positions(positions, len(self.numbers))
+        _check_spans(positions, self.pbc, self.frame)
+        return Structure(self.numbers, positions, self.cell, self.pbc, self.frame)
 
     @classmethod
     def from_atoms(cls, atoms) -> "Structure":
@@ -87,6 +88,29 @@ class Structure:
     def has_stress(self) -> bool:
         """Whether stress is defined: see ``stress_defined``."""
         return cell_has_stress(self.cell, self.pbc)
+
+
+def _checked_positions(positions, count: int) -> np.ndarray:
+    """Positions (Å) as float64 (count, 3), finite and within ±MAX_COORDINATE; ``ValueError`` otherwise."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.shape != (count, 3):
+        raise ValueError(f"positions must have shape ({count}, 3) to match numbers, got {positions.shape}")
+    if not np.isfinite(positions).all():
+        raise ValueError("positions contain NaN or inf")
+    if positions.size and np.abs(positions).max() > MAX_COORDINATE:
+        raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {np.abs(positions).max():.3g} Å")
+    return positions
+
+
+def _check_spans(positions: np.ndarray, pbc: np.ndarray, frame: np.ndarray) -> None:
+    """``ValueError`` when atoms spread over more than MAX_EXTENT along a non-periodic direction of ``frame``."""
+    if len(positions) > 1 and not pbc.all():
+        spans = np.ptp(positions @ frame[~pbc].T, axis=0)
+        if spans.max() > MAX_EXTENT:
+            raise ValueError(
+                f"positions span {spans.max():.3g} Å along a non-periodic axis, more than {MAX_EXTENT:g} Å: "
+                "atoms that far apart do not interact; evaluate the fragments separately"
+            )
 
 
 def cell_has_stress(cell, pbc) -> bool:
@@ -197,7 +221,7 @@ def estimate_edges(structure: Structure, cutoff: float) -> float:
     n = len(structure.numbers)
     if n == 0:
         return 0.0
-    frame = periodic_frame(structure.cell, structure.pbc)
+    frame = structure.frame
     spans = np.maximum(np.ptp(structure.positions @ frame.T, axis=0), cutoff)
     axes = np.where(structure.pbc[:, None], frame, frame * spans[:, None])
     volume = max(abs(float(np.linalg.det(axes))), MIN_VOLUME)
@@ -227,6 +251,15 @@ def pair_lengths(structure: Structure, receiver: np.ndarray, sender: np.ndarray,
     return np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
 
 
+def check_edges(receiver: np.ndarray, sender: np.ndarray, lengths: np.ndarray, cutoff: float, max_edges: int) -> None:
+    """``ValueError`` for more than ``max_edges`` edges, or two atoms closer than MIN_DISTANCE (lengths in Å)."""
+    if len(receiver) > max_edges:
+        raise ValueError(f"structure has {len(receiver)} neighbour pairs within {cutoff:g} Å, more than the limit of {max_edges}")
+    if len(receiver) and lengths.min() < MIN_DISTANCE:
+        k = int(lengths.argmin())
+        raise ValueError(f"atoms {receiver[k]} and {sender[k]} overlap (distance {lengths[k]:.2g} Å)")
+
+
 def graph_from_pairs(
     structure: Structure,
     species: np.ndarray,
@@ -244,11 +277,7 @@ def graph_from_pairs(
     if len(receiver) and lengths.max() >= cutoff:
         keep = lengths < cutoff
         receiver, sender, shifts, lengths = receiver[keep], sender[keep], shifts[keep], lengths[keep]
-    if len(receiver) > max_edges:
-        raise ValueError(f"structure has {len(receiver)} neighbour pairs within {cutoff:g} Å, more than the limit of {max_edges}")
-    if len(receiver) and lengths.min() < MIN_DISTANCE:
-        k = int(lengths.argmin())
-        raise ValueError(f"atoms {receiver[k]} and {sender[k]} overlap (distance {lengths[k]:.2g} Å)")
+    check_edges(receiver, sender, lengths, cutoff, max_edges)
     return AtomicGraph(
         species=torch.from_numpy(species),
         positions=torch.from_numpy(structure.positions),

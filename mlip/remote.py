@@ -18,12 +18,12 @@ import httpx
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from . import wire
 from .calculator import ase_results, wanted_properties
 from .graph import cell_has_stress
+from .websocket import WebSocket
 
 T = TypeVar("T")
 # Retried: the server failed (500, counted and visible in its readiness), is restarting or is overloaded.
@@ -93,7 +93,7 @@ class RemoteCalculator(Calculator):
         api_key = api_key or os.environ.get("MLIP_API_KEY")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http: httpx.Client | None = None
-        self._ws: ClientConnection | None = None
+        self._ws: WebSocket | None = None
         self._session: tuple | None = None  # what the server's WebSocket session holds: (numbers, properties)
         self._sent_cell: np.ndarray | None = None
         self._sent_pbc: list[bool] | None = None
@@ -196,11 +196,11 @@ class RemoteCalculator(Calculator):
                 raise _Unavailable(f"cannot connect: {type(err).__name__}: {err}") from err
         try:
             self._ws.send(wire.packb(message))
-            reply = wire.unpackb(self._ws.recv(timeout=self.timeout))
+            reply = wire.unpackb(self._ws.recv(self.timeout))
         except TimeoutError as err:  # the server may still be computing: never queue it twice
             self._drop_ws()
             raise TimeoutError(f"no answer from {self.url} within {self.timeout:g} s") from err
-        except (ConnectionClosed, InvalidHandshake, OSError) as err:
+        except (InvalidHandshake, OSError) as err:
             self._drop_ws()
             raise _Unavailable(f"{type(err).__name__}: {err}") from err
         if reply.get("id") != message["id"]:
@@ -208,16 +208,9 @@ class RemoteCalculator(Calculator):
             raise _Unavailable(f"reply to message {reply.get('id')} instead of {message['id']}")
         return reply
 
-    def _connect(self) -> ClientConnection:
+    def _connect(self) -> WebSocket:
         ws_url = "ws" + self.url.removeprefix("http") + "/v1/stream"
-        return connect(
-            ws_url,
-            additional_headers=self._headers,
-            compression=None,
-            open_timeout=self.timeout,
-            max_size=MAX_MESSAGE_BYTES,
-            legacy=True,  # a plain persistent connection (this class reconnects by itself)
-        )
+        return WebSocket(ws_url, self._headers, self.timeout, MAX_MESSAGE_BYTES)
 
     def _drop_ws(self) -> None:
         """Forget the WebSocket session; the next step starts a new one with the whole structure."""

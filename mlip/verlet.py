@@ -8,13 +8,17 @@ search reruns when one has, and whenever the atoms, the cell or the periodicity 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import torch
 
 from .graph import (
     DEFAULT_MAX_EDGES,
     AtomicGraph,
     SpeciesIndex,
     Structure,
+    check_edges,
     check_size,
     graph_from_pairs,
     pair_lengths,
@@ -34,6 +38,8 @@ class VerletGraphs:
         self._reference: Structure | None = None  # the structure the candidates were searched for
         self._species = np.zeros(0, dtype=np.int64)
         self._pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._last: AtomicGraph | None = None  # the last graph, and which candidates it kept
+        self._inside = np.zeros(0, dtype=bool)
         self.searches = 0  # neighbour searches run so far (the rest of the calls reused one)
 
     def reusable(self, structure: Structure) -> bool:
@@ -50,19 +56,30 @@ class VerletGraphs:
         return bool(np.einsum("ij,ij->i", moved, moved).max(initial=0.0) <= (0.5 * self.skin) ** 2)
 
     def graph(self, structure: Structure, max_edges: int = DEFAULT_MAX_EDGES) -> AtomicGraph:
-        """The structure's graph within the cutoff: the same edges as ``build_graph`` (``ValueError`` likewise)."""
+        """The structure's graph within the cutoff: the same edges as ``build_graph`` (``ValueError`` likewise).
+
+        When the same candidates are within the cutoff as last time, only the positions are new.
+        """
         if not self.reusable(structure):
             self._search(structure, max_edges)
         assert self._pairs is not None
         lengths = pair_lengths(structure, *self._pairs)
-        return graph_from_pairs(structure, self._species, self._pairs, lengths, self.cutoff, max_edges=max_edges)
+        inside = lengths < self.cutoff
+        if self._last is not None and np.array_equal(inside, self._inside):
+            receiver, sender, _ = self._pairs
+            check_edges(receiver[inside], sender[inside], lengths[inside], self.cutoff, max_edges)
+            return replace(self._last, positions=torch.from_numpy(structure.positions))
+        self._last = graph_from_pairs(structure, self._species, self._pairs, lengths, self.cutoff, max_edges=max_edges)
+        self._inside = inside
+        return self._last
 
     def _search(self, structure: Structure, max_edges: int) -> None:
-        self._reference = None  # a failed search must not leave the previous candidates in place
+        self._reference, self._last = None, None  # a failed search must not leave the previous candidates in place
         species = self.species_index(structure.numbers)
         check_size(structure, self.cutoff, max_edges)
         self._pairs = neighbor_list(structure.positions, structure.cell, structure.pbc, self.cutoff + self.skin)
+        self._species, self.searches = species, self.searches + 1
         # copies: ASE updates atoms.positions in place, and a view would follow the atoms it should measure
-        self._species = species
-        self._reference = Structure(*(np.array(a) for a in (structure.numbers, structure.positions, structure.cell, structure.pbc)))
-        self.searches += 1
+        self._reference = Structure(
+            structure.numbers.copy(), structure.positions.copy(), structure.cell.copy(), structure.pbc.copy(), structure.frame
+        )

@@ -109,10 +109,9 @@ def build_graph(
     positions: np.ndarray,
     cell: np.ndarray | None,
     pbc: Any,
-    neighbors: VerletGraphs | None = None,
 ) -> AtomicGraph:
     """Validate one structure and build its neighbour-list graph; 413/422 naming the field otherwise."""
-    return graph_of(potential, settings, structure_of(settings, numbers, positions, cell, pbc), neighbors)
+    return graph_of(potential, settings, structure_of(settings, numbers, positions, cell, pbc))
 
 
 def build_graphs(potential: Potential, settings: Settings, structures: list) -> list[AtomicGraph]:

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 from pydantic import TypeAdapter
 
-from mlip import AtomicGraph, wire
+from mlip import AtomicGraph, Structure, wire
 from mlip.verlet import VerletGraphs
 
 from .errors import ApiError
-from .inputs import ON_LOOP_MAX_ATOMS, build_graph, evaluate, graph_of, off_loop, parse, structure_of
+from .inputs import ON_LOOP_MAX_ATOMS, evaluate, graph_of, input_errors, off_loop, parse, structure_of
 from .metrics import Metrics
 from .models import ModelRegistry, ServedModel
 from .schemas import StreamMessage, StreamStart, StreamStep
@@ -22,18 +22,17 @@ STREAM_MESSAGE: TypeAdapter[StreamStart | StreamStep] = TypeAdapter(StreamMessag
 
 
 class StreamSession:
-    """One connection's structure (model, numbers, cell Å, pbc, properties); every frame gets one reply.
+    """One connection's model, structure (numbers, positions Å, cell Å, pbc) and properties; every frame gets one reply.
 
-    Every frame's structure is validated in full, and the neighbour search is reused between steps
-    (``VerletGraphs``); a small structure's frame never leaves the event loop before the worker.
+    A start frame is validated in full; a step that changes only positions has only its positions
+    checked (``Structure.moved_to``). The neighbour search is reused between steps (``VerletGraphs``),
+    and a small structure's frame never leaves the event loop before the worker.
     """
 
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self.served: ServedModel | None = None
-        self.numbers = np.zeros(0, dtype=np.int64)
-        self.cell: np.ndarray | None = None
-        self.pbc: Any = None
+        self.structure: Structure | None = None  # the last frame that was evaluated
         self.properties: list[str] = []
         self.neighbors: VerletGraphs | None = None
 
@@ -63,29 +62,37 @@ class StreamSession:
         served = self.registry.get(message.model)
         potential = served.potential
         neighbors = VerletGraphs(potential.species_index, potential.cutoff, self.settings.neighbor_skin)
-        graph = await self._graph(served, neighbors, message.numbers, message.positions, message.cell, message.pbc)
-        self.served, self.neighbors = served, neighbors
-        self.numbers, self.cell, self.pbc = message.numbers, message.cell, message.pbc
+        small = len(message.numbers) <= ON_LOOP_MAX_ATOMS
+        structure = await off_loop(
+            structure_of, self.settings, message.numbers, message.positions, message.cell, message.pbc, small=small
+        )
+        graph = await off_loop(graph_of, potential, self.settings, structure, neighbors, small=small)
+        self.served, self.neighbors, self.structure = served, neighbors, structure
         self.properties = list(message.properties)
         return await self._evaluate(graph)
 
     async def _step(self, message: StreamStep) -> dict[str, Any]:
-        if self.served is None or self.neighbors is None:
+        last = self.structure
+        if self.served is None or self.neighbors is None or last is None:
             raise ApiError(400, "type", "send a 'start' message (numbers, positions, ...) before any 'step'")
-        cell = self.cell if message.cell is None else message.cell
-        pbc = self.pbc if message.pbc is None else message.pbc
-        graph = await self._graph(self.served, self.neighbors, self.numbers, message.positions, cell, pbc)
-        self.cell, self.pbc = cell, pbc
+        small = len(last.numbers) <= ON_LOOP_MAX_ATOMS
+        if message.cell is None and message.pbc is None:
+            structure = await off_loop(_moved, last, message.positions, small=small)
+        else:
+            cell = last.cell if message.cell is None else message.cell
+            pbc = last.pbc if message.pbc is None else message.pbc
+            structure = await off_loop(structure_of, self.settings, last.numbers, message.positions, cell, pbc, small=small)
+        graph = await off_loop(graph_of, self.served.potential, self.settings, structure, self.neighbors, small=small)
+        self.structure = structure
         return await self._evaluate(graph)
-
-    async def _graph(self, served: ServedModel, neighbors: VerletGraphs, numbers, positions, cell, pbc) -> AtomicGraph:
-        """Validate and graph one frame, reusing the session's neighbour search while it serves."""
-        structure = structure_of(self.settings, numbers, positions, cell, pbc) if len(numbers) <= ON_LOOP_MAX_ATOMS else None
-        if structure is not None:
-            return graph_of(served.potential, self.settings, structure, neighbors)
-        return await off_loop(build_graph, served.potential, self.settings, numbers, positions, cell, pbc, neighbors)
 
     async def _evaluate(self, graph: AtomicGraph) -> dict[str, Any]:
         assert self.served is not None
         (result,) = await evaluate(self.served, self.settings, [graph], self.properties, None)
         return {"type": "result", "model": self.served.ref, "results": result}
+
+
+def _moved(structure: Structure, positions: np.ndarray) -> Structure:
+    """The session's structure at a step's positions; 422 naming the field if they are invalid."""
+    with input_errors():
+        return structure.moved_to(positions)

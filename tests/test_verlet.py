@@ -106,3 +106,33 @@ def test_calculator_md_with_reuse_equals_fresh_search(potential, crystal_atoms) 
         check.calc = fresh
         np.testing.assert_allclose(atoms.get_forces(), check.get_forces(), rtol=0, atol=1e-10)
     assert 1 < reusing.neighbors.searches < 30
+
+
+def test_moved_structure_checks_positions(molecule_atoms) -> None:
+    base = Structure.from_atoms(molecule_atoms)
+    far = base.positions.copy()
+    far[0, 2] += 2000.0
+    nan = base.positions.copy()
+    nan[1, 0] = np.nan
+    for positions, message in ((nan, "NaN"), (base.positions[:3], "shape"), (far, "span"), (base.positions + 2e5, "within")):
+        with pytest.raises(ValueError, match=message):
+            base.moved_to(positions)
+    moved, fresh = base.moved_to(base.positions + 0.1), Structure.from_arrays(base.numbers, base.positions + 0.1)
+    for name in ("numbers", "positions", "cell", "pbc", "frame"):
+        assert np.array_equal(getattr(moved, name), getattr(fresh, name))
+
+
+def test_calculator_validates_whatever_changed_between_calls(potential, crystal_atoms) -> None:
+    """A rejected step must not let the next one skip the checks of a cell that changed with it."""
+    calc = MLIPCalculator(potential)
+    atoms = crystal_atoms
+    atoms.calc = calc
+    atoms.get_forces()
+    good = atoms.positions.copy()
+    atoms.positions[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        atoms.get_forces()
+    atoms.set_cell(np.diag([30.0, 30.0, 0.1]))  # thinner than any cell may be
+    atoms.positions = good
+    with pytest.raises(ValueError, match="thick"):
+        atoms.get_forces()
