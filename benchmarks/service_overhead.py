@@ -3,6 +3,8 @@
 One server subprocess (same thread count and dtype as the in-process calculator). Each round runs
 ``--steps`` velocity Verlet steps from the same start with every transport in turn (order rotated
 per round); overhead is a transport's median ms/step minus the in-process one, paired round by round.
+The server's own /metrics split its share: time per request, and of that, time outside the forward pass
+(decoding, validation, neighbour list, queue hand-offs); the rest of the overhead is client and socket.
 """
 
 from __future__ import annotations
@@ -79,32 +81,48 @@ def calculator_factories(checkpoint: Path, url: str, dtype: str, device: str) ->
     }
 
 
-def run_rounds(factories: dict[str, Callable[[], Calculator]], atoms, args: argparse.Namespace) -> dict[str, list]:
-    """ABAB rounds: every transport runs ``--steps`` MD steps per round; returns step times (ms) per round."""
+SERVER_METRICS = {"server_ms": "mlip_request_seconds", "compute_ms": "mlip_compute_seconds"}
+
+
+def run_rounds(
+    factories: dict[str, Callable[[], Calculator]], atoms, args: argparse.Namespace, server: Server
+) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
+    """ABAB rounds: every transport runs ``--steps`` MD steps per round. Returns step times (ms) per round,
+    and per transport the server's own mean ms per request and per forward pass (from /metrics)."""
     names = list(args.transports)
     times: dict[str, list] = {name: [] for name in names}
+    inside: dict[str, dict[str, list]] = {name: {key: [] for key in SERVER_METRICS} for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             calc = factories[name]()
             dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed)
             md_step_times_ms(dyn, args.warmup_steps)
+            before = {key: server.metric_sums(metric) for key, metric in SERVER_METRICS.items()}
             times[name].append(md_step_times_ms(dyn, args.steps))
+            if name != "in-process":
+                for key, metric in SERVER_METRICS.items():
+                    (s0, n0), (s1, n1) = before[key], server.metric_sums(metric)
+                    inside[name][key].append(1e3 * (s1 - s0) / max(n1 - n0, 1))
             if hasattr(calc, "close"):
                 calc.close()
-    return times
+    return times, inside
 
 
-def summarize(times: dict[str, list]) -> list[dict[str, Any]]:
-    """Per transport: step-time statistics and the overhead over in-process (paired by round)."""
+def summarize(times: dict[str, list], inside: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
+    """Per transport: step-time statistics, the overhead over in-process (paired by round) and where the
+    server's share of it goes: its time per request outside the forward pass (mean over rounds)."""
     base = [np.median(t) for t in times.get("in-process", [])]
     rows = []
     for name, rounds in times.items():
         stats = summarize_ms([t for r in rounds for t in r])
         medians = [float(np.median(t)) for t in rounds]
         overheads = [m - b for m, b in zip(medians, base)] if base else []
+        server = {key: float(np.mean(v)) if v else None for key, v in inside[name].items()}
+        outside_model = server["server_ms"] - server["compute_ms"] if server["server_ms"] is not None else None
         rows.append({"transport": name, **stats, "round_median_ms": medians,
                      "overhead_ms": float(np.median(overheads)) if overheads else None,
-                     "overhead_rounds_ms": overheads, "steps_per_s": 1e3 / stats["median_ms"]})  # fmt: skip
+                     "overhead_rounds_ms": overheads, "steps_per_s": 1e3 / stats["median_ms"],
+                     **server, "server_outside_model_ms": outside_model})  # fmt: skip
     return rows
 
 
@@ -127,14 +145,16 @@ def main() -> None:
     info = machine_info(args.threads)
     (atoms,) = aspirin_frames(args.data, 1)
     with Server(checkpoint, args.threads, args.dtype, device=args.device) as server:
-        times = run_rounds(calculator_factories(checkpoint, server.url, args.dtype, args.device), atoms, args)
-    rows = summarize(times)
+        times, inside = run_rounds(calculator_factories(checkpoint, server.url, args.dtype, args.device), atoms, args, server)
+    rows = summarize(times, inside)
     settings = settings_of(args)
     write_json(args.out, {"benchmark": "service_overhead", "machine": info, "settings": settings,
                           "transports": TRANSPORTS, "results": rows})  # fmt: skip
-    headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)"]
+    headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)",
+               "server ms/request (mean)", "of which outside the forward pass"]  # fmt: skip
     print(markdown_table(headers, [[r["transport"], r["median_ms"], r["mean_ms"], f"{r['p10_ms']:.3g}–{r['p90_ms']:.3g}",
-                                    r["steps_per_s"], r["overhead_ms"]] for r in rows]))  # fmt: skip
+                                    r["steps_per_s"], r["overhead_ms"], r["server_ms"], r["server_outside_model_ms"]]
+                                   for r in rows]))  # fmt: skip
 
 
 if __name__ == "__main__":
