@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 from pydantic import TypeAdapter
 
 from mlip import AtomicGraph, Structure, wire
@@ -32,7 +31,7 @@ class StreamSession:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self.served: ServedModel | None = None
-        self.structure: Structure | None = None  # the last frame that was evaluated
+        self.structure: Structure | None = None  # the last valid frame: the next steps move its atoms
         self.properties: list[str] = []
         self.neighbors: VerletGraphs | None = None
 
@@ -62,28 +61,32 @@ class StreamSession:
         served = self.registry.get(message.model)
         potential = served.potential
         neighbors = VerletGraphs(potential.species_index, potential.cutoff, self.settings.neighbor_skin)
-        small = len(message.numbers) <= ON_LOOP_MAX_ATOMS
-        structure = await off_loop(
-            structure_of, self.settings, message.numbers, message.positions, message.cell, message.pbc, small=small
-        )
-        graph = await off_loop(graph_of, potential, self.settings, structure, neighbors, small=small)
+
+        def prepare() -> tuple[Structure, AtomicGraph]:
+            structure = structure_of(self.settings, message.numbers, message.positions, message.cell, message.pbc)
+            return structure, graph_of(potential, self.settings, structure, neighbors)
+
+        structure, graph = await off_loop(prepare, small=len(message.numbers) <= ON_LOOP_MAX_ATOMS)
         self.served, self.neighbors, self.structure = served, neighbors, structure
         self.properties = list(message.properties)
         return await self._evaluate(graph)
 
     async def _step(self, message: StreamStep) -> dict[str, Any]:
-        last = self.structure
-        if self.served is None or self.neighbors is None or last is None:
+        served, neighbors, last = self.served, self.neighbors, self.structure
+        if served is None or neighbors is None or last is None:
             raise ApiError(400, "type", "send a 'start' message (numbers, positions, ...) before any 'step'")
-        small = len(last.numbers) <= ON_LOOP_MAX_ATOMS
-        if message.cell is None and message.pbc is None:
-            structure = await off_loop(_moved, last, message.positions, small=small)
-        else:
-            cell = last.cell if message.cell is None else message.cell
-            pbc = last.pbc if message.pbc is None else message.pbc
-            structure = await off_loop(structure_of, self.settings, last.numbers, message.positions, cell, pbc, small=small)
-        graph = await off_loop(graph_of, self.served.potential, self.settings, structure, self.neighbors, small=small)
-        self.structure = structure
+
+        def prepare() -> tuple[Structure, AtomicGraph]:
+            if message.cell is None and message.pbc is None:
+                with input_errors():
+                    structure = last.moved_to(message.positions)  # numbers, cell and pbc were validated before
+            else:
+                cell = last.cell if message.cell is None else message.cell
+                pbc = last.pbc if message.pbc is None else message.pbc
+                structure = structure_of(self.settings, last.numbers, message.positions, cell, pbc)
+            return structure, graph_of(served.potential, self.settings, structure, neighbors)
+
+        self.structure, graph = await off_loop(prepare, small=len(last.numbers) <= ON_LOOP_MAX_ATOMS)
         return await self._evaluate(graph)
 
     async def _evaluate(self, graph: AtomicGraph) -> dict[str, Any]:
@@ -91,8 +94,3 @@ class StreamSession:
         (result,) = await evaluate(self.served, self.settings, [graph], self.properties, None)
         return {"type": "result", "model": self.served.ref, "results": result}
 
-
-def _moved(structure: Structure, positions: np.ndarray) -> Structure:
-    """The session's structure at a step's positions; 422 naming the field if they are invalid."""
-    with input_errors():
-        return structure.moved_to(positions)
