@@ -26,14 +26,16 @@ class MLIPCalculator(Calculator):
         compile: bool = False,
         sha256: str | None = None,
         skin: float = DEFAULT_SKIN,
+        kernels: str = "e3nn",
         **kwargs,
     ):
         """``compile=True`` runs the model through torch.compile: faster steps after a slow first call.
         ``sha256`` pins the checkpoint: any other file is refused with a ``ValueError``.
-        ``skin`` (Å): the neighbour search is reused until an atom has moved half this far (0: every step)."""
+        ``skin`` (Å): the neighbour search is reused until an atom has moved half this far (0: every step).
+        ``kernels="cueq"`` runs the equivariant operations on cuEquivariance (``Potential``)."""
         super().__init__(**kwargs)
         self.potential = (
-            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256)
+            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256, kernels)
         )
         self.neighbors = VerletGraphs(self.potential.species_index, self.potential.cutoff, skin)
         self._structure: Structure | None = None  # the last structure evaluated

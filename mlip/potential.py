@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph, stress_defined
+from .kernels import kernels_of, use_kernels
 from .model import MLIPModel
 from .properties import compute_properties
 
@@ -47,11 +48,15 @@ class Potential:
         sha256: str = "",
         metadata: dict | None = None,
         compile: bool = False,
+        kernels: str = "e3nn",
     ):
+        """``kernels="cueq"`` swaps in cuEquivariance's tensor product and symmetric contraction (``mlip.kernels``:
+        converted weights, the same results to float64 round-off, CUDA kernels on GPUs); "e3nn" keeps the model's own."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge (32 channels, float64)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = use_kernels(model, kernels, self.device).to(device=self.device, dtype=self.dtype).eval()
+        self.kernels = kernels_of(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         # torch.compile fuses the many small e3nn ops (1.3x on aspirin float32, 2 CPU threads); the first call compiles
@@ -62,11 +67,12 @@ class Potential:
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False, sha256: str | None = None
+        cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False,
+        sha256: str | None = None, kernels: str = "e3nn",
     ) -> "Potential":
         """Load a verified checkpoint; ``sha256`` pins it (``ValueError`` for any other file)."""
         ckpt = Checkpoint(path, sha256)
-        return cls(ckpt.build_model(), device, dtype, ckpt.path.stem, ckpt.sha256, ckpt.metadata, compile)
+        return cls(ckpt.build_model(), device, dtype, ckpt.path.stem, ckpt.sha256, ckpt.metadata, compile, kernels)
 
     @property
     def cutoff(self) -> float:

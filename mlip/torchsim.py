@@ -46,11 +46,12 @@ class TorchSimModel(ModelInterface):
         compute_stress: bool = True,
         compile: bool = False,
         sha256: str | None = None,
+        kernels: str = "e3nn",
     ) -> None:
         """``model``: a checkpoint file, a shipped potential's name (e.g. ``"si-zuo2020"``) or a loaded
         ``Potential`` (then ``device`` and ``dtype`` default to, and must match, its own).
         Otherwise ``device`` defaults to the first GPU if there is one, and ``dtype`` to float64.
-        ``compile`` and ``sha256`` are passed to ``Potential.load``.
+        ``compile``, ``sha256`` and ``kernels`` are passed to ``Potential.load``.
         """
         super().__init__()
         if isinstance(model, Potential):  # a Potential is not moved: its model may be compiled, or shared
@@ -60,7 +61,7 @@ class TorchSimModel(ModelInterface):
                 raise ValueError(f"dtype={dtype} requested, but the Potential given uses {model.dtype}")
             self.potential = model
         else:
-            self.potential = Potential.load(model, device or "auto", dtype or "float64", compile, sha256)
+            self.potential = Potential.load(model, device or "auto", dtype or "float64", compile, sha256, kernels)
         self._device = self.potential.device
         self._dtype = self.potential.dtype
         self._compute_forces = compute_forces

@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", default=None,
         help="torch.compile the model (lower per-call overhead: 1.3x on aspirin float32, 2 CPU threads; warm-up takes minutes)",
     )
+    parser.add_argument(
+        "--kernels",  # checked by Settings (mlip.kernels.KERNELS), so that `mlip --help` does not import torch
+        help="equivariant kernels: e3nn (default) or cueq (cuEquivariance, pip install 'mlip-service[cuda]')",
+    )
     parser.add_argument("--max-batch-atoms", type=int, help="atom budget of one micro-batch (default 4096)")
     parser.add_argument("--max-wait-ms", type=float, help="wait to gather larger batches, ms (default 0)")
     parser.add_argument("--max-queue", type=int, help="structures waiting per model before 503 (default 1024)")

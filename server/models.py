@@ -37,7 +37,7 @@ class ServedModel:
         p = self.potential
         return ModelInfo(
             name=p.name, sha256=p.sha256, species=p.config.species, cutoff=p.cutoff,
-            dtype=str(p.dtype).removeprefix("torch."), device=str(p.device), default=default,
+            dtype=str(p.dtype).removeprefix("torch."), device=str(p.device), kernels=p.kernels, default=default,
             summary=self.summary, metadata=p.metadata,
         )
 
@@ -80,7 +80,9 @@ class ModelRegistry:
         try:
             for path in s.checkpoint_paths():
                 pin = s.checkpoint_sha256.get(path.stem)
-                potential = Potential.load(path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin)
+                potential = Potential.load(
+                    path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin, kernels=s.kernels
+                )
                 warm_up(potential)
                 turns = device_turns.setdefault(str(potential.device), DeviceTurns())  # one pass at a time per device
                 worker = BatchWorker(

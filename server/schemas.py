@@ -160,6 +160,7 @@ class ModelInfo(BaseModel):
     cutoff: float = Field(description="Å")
     dtype: str
     device: str
+    kernels: str = Field(description="equivariant kernels: e3nn or cueq (cuEquivariance)")
     default: bool
     summary: str | None = Field(None, description="first paragraph of the model card NAME.md")
     metadata: dict[str, Any]

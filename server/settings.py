@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlip.checkpoint import DEFAULT_CHECKPOINT, SHIPPED_DIR, find_checkpoint
+from mlip.kernels import KERNELS
 from mlip.verlet import DEFAULT_SKIN
 
 
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float64"] = "float64"
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     compile: bool = Field(False, description="torch.compile the model: lower latency, slower start-up")
+    kernels: Literal[KERNELS] = Field(
+        "e3nn", description="equivariant kernels: e3nn, or cueq (cuEquivariance, the [cuda] extra; CUDA kernels on GPUs)"
+    )
 
     max_batch_atoms: int = Field(4096, ge=1, description="atom budget of one micro-batch")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait (ms) to gather a larger batch; 0 = none")

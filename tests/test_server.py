@@ -22,6 +22,7 @@ with warnings.catch_warnings():  # starlette's TestClient warns that it still us
     from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from mlip import Potential, Structure, wire
+from mlip.kernels import cueq_available
 from mlip.server.app import create_app
 from mlip.server.metrics import Metrics
 from mlip.server.settings import Settings
@@ -245,9 +246,10 @@ def test_openapi_models_health_metrics(client, reference):
     assert schemas["StructureIn"]["properties"]["positions"]["type"] == "array"
     (info,) = client.get("/v1/models").json()["models"]
     assert info["species"] == [1, 6, 7, 8, 13, 29] and info["cutoff"] == 4.0 and info["sha256"] == reference.sha256
-    assert info["dtype"] == "float64" and info["default"]
+    assert info["dtype"] == "float64" and info["kernels"] == "e3nn" and info["default"]
     assert client.get("/health/live").json() == {"status": "live"}
     client.post("/v1/calculate", json={"structures": [good()], "model": "nope"})
+    assert client.post("/v1/calculate", json={"structures": [good()]}).status_code == 200  # a batch, also when run alone
     text = client.get("/metrics").text
     assert 'mlip_errors_total{endpoint="/v1/calculate",status="404"}' in text
     assert 'mlip_batch_atoms_count{model="small"}' in text and "mlip_compute_seconds_bucket" in text
@@ -591,6 +593,24 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
     assert settings.host == "127.0.0.1" and settings.port == 8000 and settings.device == "auto"
     assert Settings(max_batch_atoms=7).max_batch_atoms == 7
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_unknown_kernels_setting_is_refused():
+    with pytest.raises(ValueError, match="kernels"):
+        Settings(kernels="triton")
+
+
+@pytest.mark.skipif(not cueq_available(), reason="cuequivariance-torch is not installed")
+@pytest.mark.filterwarnings("ignore:kernels='cueq' without a GPU")
+def test_server_on_cueq_kernels_matches_in_process_e3nn(checkpoint, reference):
+    atoms = structures()
+    refs = reference.evaluate([Structure.from_atoms(a) for a in atoms], ALL)
+    with serve(checkpoint, kernels="cueq") as client:
+        assert client.get("/v1/models").json()["models"][0]["kernels"] == "cueq"
+        r = client.post("/v1/calculate", json={"structures": [as_json(a) for a in atoms], "properties": ALL})
+    assert r.status_code == 200
+    for result, ref in zip(r.json()["results"], refs):
+        assert_same(result, ref)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-device", "separate-devices"])
