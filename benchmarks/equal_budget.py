@@ -24,6 +24,9 @@ loading and the final evaluation are outside it and reported separately (``wall_
 select their checkpoint on the validation set (best EMA weights), so the reported errors are
 validation errors, not test errors. Evaluation runs in float64 (``--eval-dtype``) for both: total
 aspirin energies are about -17 600 eV, where float32 round-off alone is ~2 meV.
+
+Model sizes are ``model_speed.py`` presets (``--ours-size``, ``--mace-size``), so ``pareto.py`` can
+put each trained model beside the timing of the same architecture.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from model_worker import MACE_HIDDEN_IRREPS, OURS_CONFIG
 
 from common import (
     BENCH_DIR,
@@ -74,6 +79,20 @@ DATASETS = {
     "aspirin": Dataset("aspirin", REPO_ROOT / "training" / "configs" / "aspirin-rmd17.yaml", periodic=False),
     "si": Dataset("si", REPO_ROOT / "training" / "configs" / "si-zuo2020.yaml", periodic=True),
 }
+
+
+def ours_size_overrides(size: str) -> list[str]:
+    """`mlip train --set` flags that give the shipped config the width of model_speed preset ``size``."""
+    from mlip import ModelConfig
+
+    channels = OURS_CONFIG[size].get("num_channels", ModelConfig.num_channels)  # preset "ours" is the default width
+    return ["--set", f"model.num_channels={channels}"]
+
+
+def mace_size_flags(size: str) -> list[str]:
+    """`mace_run_train` width flags of model_speed preset ``size`` (its hidden irreps, e.g. 64x0e+64x1o)."""
+    terms = [re.fullmatch(r"(\d+)x(\d+)[eo]", t) for t in MACE_HIDDEN_IRREPS[size].split("+")]
+    return ["--num_channels", terms[0].group(1), "--max_L", str(max(int(t.group(2)) for t in terms))]
 
 
 # ---------------------------------------------------------------- the shared split
@@ -146,6 +165,7 @@ def train_ours(
         "--device", "cpu",
         "--set", f"num_threads={args.threads}",
         "--set", "max_epochs=1000000",  # the budget, not an epoch count, ends the run and drives the schedule
+        *ours_size_overrides(args.ours_size),
     ]
     row: dict[str, Any] = {"command": " ".join(cmd)}
     t0 = time.perf_counter()
@@ -188,9 +208,9 @@ def mace_bin(name: str) -> str:
 
 def mace_flags(split: dict[str, Any], dataset: Dataset, run_dir: Path, args: argparse.Namespace,
                max_epochs: int, start_stage_two: int | None) -> list[str]:
-    """`mace_run_train` flags: 'MACE-small-ish' with MACE's recommended rMD17-style training.
+    """`mace_run_train` flags: MACE of size ``--mace-size`` with MACE's recommended rMD17-style training.
 
-    Model: ScaleShiftMACE, 64 channels, max_L 1 (hidden irreps 64x0e+64x1o), max_ell 3, correlation 3,
+    Model: ScaleShiftMACE, by default 64 channels, max_L 1 (hidden irreps 64x0e+64x1o), max_ell 3, correlation 3,
     2 interactions, r_max 5 Å. Training: weighted E/F loss 1/100 (stress 'stress' loss on periodic
     data, at our config's stress weight), AMSGrad lr 0.01, EMA 0.99, ReduceLROnPlateau (MACE's
     default), stage two with E/F weights 1000/100 and lr 1e-3. These equal our shipped settings
@@ -203,7 +223,7 @@ def mace_flags(split: dict[str, Any], dataset: Dataset, run_dir: Path, args: arg
         "--train_file", split["train_file"], "--valid_file", split["valid_file"],
         "--energy_key", "energy", "--forces_key", "forces", "--stress_key", "stress",  # the keys our xyz files use
         "--E0s", "average",
-        "--model", "ScaleShiftMACE", "--num_channels", "64", "--max_L", "1", "--max_ell", "3",
+        "--model", "ScaleShiftMACE", *mace_size_flags(args.mace_size), "--max_ell", "3",
         "--correlation", "3", "--num_interactions", "2", "--r_max", "5.0",
         "--batch_size", str(split["batch_size"]), "--valid_batch_size", "32",
         "--lr", "0.01", "--amsgrad", "--weight_decay", "5e-7", "--clip_grad", "10",
@@ -431,7 +451,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     for r in results:
         v = r.get("validation") or {}
         rows.append([
-            r["dataset"], r["model"], float(r["budget_min"]),
+            r["dataset"], r.get("size", r["model"]), float(r["budget_min"]),
             None if r.get("train_s") is None else round(r["train_s"]),
             r.get("epochs"), r.get("num_parameters"),
             v.get("energy_mae_meV"), v.get("energy_mae_meV_per_atom"), v.get("forces_mae_meV_per_A"),
@@ -445,7 +465,7 @@ TABLE_HEADERS = ["dataset", "model", "budget min", "train s", "epochs", "params"
 
 
 def plot_forces_vs_budget(results: list[dict[str, Any]], path: Path) -> Path:
-    """Validation force MAE (meV/Å) against training budget (minutes): one panel per dataset, one line per model."""
+    """Validation force MAE (meV/Å) against training budget (minutes): one panel per dataset, one line per model size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,11 +474,11 @@ def plot_forces_vs_budget(results: list[dict[str, Any]], path: Path) -> Path:
     datasets = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, name in zip(axes[0], datasets):
-        for model, marker in (("ours", "o"), ("mace", "s")):
+        for size in sorted({r.get("size", r["model"]) for r in results if r["dataset"] == name}):
             points = sorted((r["budget_min"], r["validation"]["forces_mae_meV_per_A"]) for r in results
-                            if r["dataset"] == name and r["model"] == model and r.get("validation"))
+                            if r["dataset"] == name and r.get("size", r["model"]) == size and r.get("validation"))
             if points:
-                ax.plot(*zip(*points), marker=marker, label=model)
+                ax.plot(*zip(*points), marker="o" if size.startswith("ours") else "s", label=size)
         ax.set(title=name, xlabel="training budget (minutes)", ylabel="validation force MAE (meV/Å)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -488,6 +508,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default both")
     parser.add_argument("--budgets-min", nargs="+", type=float, default=[20.0, 60.0], help="training budgets, minutes")
     parser.add_argument("--models", nargs="+", choices=["ours", "mace"], default=["ours", "mace"])
+    parser.add_argument("--ours-size", choices=sorted(OURS_CONFIG), default="ours-32",
+                        help="model_speed.py preset: ours-32 = the shipped width, ours = 64 channels")
+    parser.add_argument("--mace-size", choices=sorted(MACE_HIDDEN_IRREPS), default="mace-L1-64",
+                        help="model_speed.py preset: hidden irreps " + ", ".join(
+                            f"{k} {v}" for k, v in sorted(MACE_HIDDEN_IRREPS.items())))
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads for every run")
     parser.add_argument("--seed", type=int, default=0, help="split seed and training seed of both models")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="training dtype, both")
@@ -547,8 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def run(model: str, budget_min: float, epoch_s: float | None, overhead_s: float) -> None:
             budget_s = 60.0 * budget_min
-            run_dir = data_dir / f"{model}-{budget_min:g}min"
-            row: dict[str, Any] = {"dataset": name, "model": model, "budget_min": budget_min, "budget_s": budget_s,
+            size = args.ours_size if model == "ours" else args.mace_size
+            run_dir = data_dir / f"{size}-{budget_min:g}min"
+            row: dict[str, Any] = {"dataset": name, "model": model, "size": size, "budget_min": budget_min,
+                                   "budget_s": budget_s,
                                    "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
             print(f"{name}: training {model} for {budget_min:g} min in {run_dir}", flush=True)
             try:

@@ -17,9 +17,12 @@ from ase.io import read
 
 from common import SPECIES, claim_stdout, peak_rss_mb, set_threads, worker_loop
 
-MODELS = ("ours", "ours-32", "ours-compiled", "ours-32-compiled", "mace-small", "mace-L1-64", "mace-medium")  # *-compiled: compile=True
 # ours: the default ModelConfig (64 channels); ours-32: the shipped checkpoints' size (equal_budget.py trains it)
-OURS_CONFIG = {"ours": {}, "ours-32": {"num_channels": 32}, "ours-compiled": {}, "ours-32-compiled": {"num_channels": 32}}
+OURS_CONFIG = {"ours": {}, "ours-32": {"num_channels": 32}}
+OURS_VARIANTS = {"-compiled": {"compile": True}, "-cueq": {"kernels": "cueq"}}  # Potential options, by preset suffix
+MODELS = (
+    *(size + suffix for size in OURS_CONFIG for suffix in ("", *OURS_VARIANTS)), "mace-small", "mace-L1-64", "mace-medium"
+)
 # mace-L1-64 is the MACE that benchmarks/equal_budget.py trains (64 channels, max_L 1)
 MACE_HIDDEN_IRREPS = {"mace-small": "64x0e", "mace-L1-64": "64x0e+64x1o", "mace-medium": "128x0e+128x1o"}
 STAGES = ("model", "full")  # model: prebuilt graph -> energy+forces; full: also neighbour list + batching
@@ -33,9 +36,12 @@ def ours_evaluator(frames: list, preset: str, dtype: str, stage: str, device: st
     """Our ModelConfig of ``preset`` (random weights) behind mlip.Potential; energy + forces as numpy."""
     from mlip import MLIPModel, ModelConfig, Potential, Structure, batch_graphs
 
-    model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A, **OURS_CONFIG[preset]))
-    compile = preset.endswith("-compiled")
-    potential = Potential(model, device=device, dtype=dtype, compile=compile)
+    size, options = preset, {}
+    for suffix, option in OURS_VARIANTS.items():
+        if preset.endswith(suffix):
+            size, options = preset.removesuffix(suffix), option
+    model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A, **OURS_CONFIG[size]))
+    potential = Potential(model, device=device, dtype=dtype, **options)
 
     def build():
         return batch_graphs([potential.graph(Structure.from_atoms(a)) for a in frames])

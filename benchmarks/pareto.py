@@ -1,12 +1,13 @@
 """Accuracy against cost, ours vs MACE: validation MAE (equal_budget.py) beside ms per evaluation (model_speed.py).
 
 Both inputs are measured by their own scripts; this joins them by model size. ``equal_budget.py``
-trains ours at the shipped size and MACE at 64 channels / L = 1; ``model_speed.py`` times the same
-architectures (random weights: the cost does not depend on them) as ``ours-32`` and ``mace-L1-64``.
+records the ``model_speed.py`` preset of every model it trains (``--ours-size``, ``--mace-size``;
+rows from before that option are the defaults ``ours-32`` and ``mace-L1-64``); ``model_speed.py``
+times the same architectures (random weights: the cost does not depend on them).
 
-    python benchmarks/model_speed.py --models ours-32 mace-L1-64 --cases aspirin cu1008 \\
+    python benchmarks/model_speed.py --models ours-32 ours mace-L1-64 mace-small --cases aspirin cu1008 \\
         --out benchmarks/results/model_speed_pareto.json
-    python benchmarks/pareto.py
+    python benchmarks/pareto.py --accuracy benchmarks/results/equal_budget.json benchmarks/results/equal_budget_sizes.json
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from typing import Any
 
 from common import BENCH_DIR, markdown_table, write_json
 
-SPEED_MODEL = {"ours": "ours-32", "mace": "mace-L1-64"}  # equal_budget model -> model_speed preset of its size
+DEFAULT_SIZE = {"ours": "ours-32", "mace": "mace-L1-64"}  # equal_budget rows without a "size" were trained at these
 
 
-def pareto_rows(accuracy: dict[str, Any], speed: dict[str, Any]) -> list[dict[str, Any]]:
+def pareto_rows(accuracy: list[dict[str, Any]], speed: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per trained model and budget: its validation errors and its ms per evaluation per case and dtype."""
     timings = {(r["model"], r["case"], r["dtype"]): r["median_ms"] for r in speed["results"] if "median_ms" in r}
     cases = sorted({(case, dtype) for _, case, dtype in timings})
     rows = []
-    for run in accuracy["results"]:
+    for run in (r for payload in accuracy for r in payload["results"]):
         if "validation" not in run:
             continue
-        preset = SPEED_MODEL[run["model"]]
+        preset = run.get("size") or DEFAULT_SIZE[run["model"]]
         rows.append({
             "dataset": run["dataset"], "model": run["model"], "speed_preset": preset, "budget_min": run["budget_min"],
             "num_parameters": run.get("num_parameters"),
@@ -42,18 +43,19 @@ def pareto_rows(accuracy: dict[str, Any], speed: dict[str, Any]) -> list[dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accuracy", type=Path, default=BENCH_DIR / "results" / "equal_budget.json")
+    parser.add_argument("--accuracy", type=Path, nargs="+", default=[BENCH_DIR / "results" / "equal_budget.json"],
+                        help="equal_budget.py JSON files")
     parser.add_argument("--speed", type=Path, default=BENCH_DIR / "results" / "model_speed_pareto.json")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "pareto.json")
     args = parser.parse_args()
-    rows = pareto_rows(json.loads(args.accuracy.read_text()), json.loads(args.speed.read_text()))
+    rows = pareto_rows([json.loads(p.read_text()) for p in args.accuracy], json.loads(args.speed.read_text()))
     columns = sorted({k for r in rows for k in r["ms_per_eval"]})
     print(markdown_table(
         ["data", "model", "budget min", "params", "E MAE meV", "F MAE meV/Å", *(f"ms {c}" for c in columns)],
         [[r["dataset"], f"{r['model']} ({r['speed_preset']})", r["budget_min"], r["num_parameters"],
           r["energy_mae_meV"], r["forces_mae_meV_per_A"], *(r["ms_per_eval"][c] for c in columns)] for r in rows],
     ))
-    write_json(args.out, {"accuracy": str(args.accuracy), "speed": str(args.speed), "rows": rows})
+    write_json(args.out, {"accuracy": [str(p) for p in args.accuracy], "speed": str(args.speed), "rows": rows})
 
 
 if __name__ == "__main__":
