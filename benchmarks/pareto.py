@@ -7,7 +7,8 @@ times the same architectures (random weights: the cost does not depend on them).
 
     python benchmarks/model_speed.py --models ours-32 ours mace-L1-64 mace-small --cases aspirin cu1008 \\
         --out benchmarks/results/model_speed_pareto.json
-    python benchmarks/pareto.py --accuracy benchmarks/results/equal_budget.json benchmarks/results/equal_budget_sizes.json
+    python benchmarks/pareto.py --accuracy benchmarks/results/equal_budget.json \\
+        benchmarks/results/equal_budget_ours64_mace_small.json benchmarks/results/equal_budget_ours32_mace_small.json
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def pareto_rows(accuracy: list[dict[str, Any]], speed: dict[str, Any]) -> list[d
     timings = {(r["model"], r["case"], r["dtype"]): r["median_ms"] for r in speed["results"] if "median_ms" in r}
     cases = sorted({(case, dtype) for _, case, dtype in timings})
     rows = []
-    for run in (r for payload in accuracy for r in payload["results"]):
+    for payload, run in ((p, r) for p in accuracy for r in p["results"]):
         if "validation" not in run:
             continue
         preset = run.get("size") or DEFAULT_SIZE[run["model"]]
         rows.append({
             "dataset": run["dataset"], "model": run["model"], "speed_preset": preset, "budget_min": run["budget_min"],
+            "trained": f"{payload['machine']['date_utc'][:10]} {payload['machine']['cpu']}",  # runs differ: compare within one
             "num_parameters": run.get("num_parameters"),
             "energy_mae_meV": run["validation"]["energy_mae_meV"],
             "forces_mae_meV_per_A": run["validation"]["forces_mae_meV_per_A"],
@@ -51,8 +53,8 @@ def main() -> None:
     rows = pareto_rows([json.loads(p.read_text()) for p in args.accuracy], json.loads(args.speed.read_text()))
     columns = sorted({k for r in rows for k in r["ms_per_eval"]})
     print(markdown_table(
-        ["data", "model", "budget min", "params", "E MAE meV", "F MAE meV/Å", *(f"ms {c}" for c in columns)],
-        [[r["dataset"], f"{r['model']} ({r['speed_preset']})", r["budget_min"], r["num_parameters"],
+        ["data", "model", "trained", "budget min", "params", "E MAE meV", "F MAE meV/Å", *(f"ms {c}" for c in columns)],
+        [[r["dataset"], f"{r['model']} ({r['speed_preset']})", r["trained"], r["budget_min"], r["num_parameters"],
           r["energy_mae_meV"], r["forces_mae_meV_per_A"], *(r["ms_per_eval"][c] for c in columns)] for r in rows],
     ))
     write_json(args.out, {"accuracy": [str(p) for p in args.accuracy], "speed": str(args.speed), "rows": rows})
