@@ -92,7 +92,7 @@ class CueChannelWiseTensorProduct(nn.Module):
     Each e3nn instruction is matched to the cuEquivariance path that gives a proportional output; the
     per-edge weights are gathered into cuEquivariance's order and scaled, the output put back in
     e3nn's order, so ``forward`` is a drop-in for the e3nn module it replaces. The matching runs on
-    the CPU with cuEquivariance's PyTorch code; a CUDA ``method`` is then checked again on ``device``.
+    the CPU with cuEquivariance's PyTorch code; the module for ``method`` is then checked on ``device``.
     """
 
     def __init__(self, e3nn_tp: nn.Module, method: str = "naive", device: torch.device = torch.device("cpu")):
@@ -116,10 +116,9 @@ class CueChannelWiseTensorProduct(nn.Module):
         self.register_buffer("weight_index", weight_index, persistent=False)
         self.register_buffer("weight_scale", weight_scale, persistent=False)
         self.register_buffer("output_index", output_index, persistent=False)
-        self._check_against(e3nn_tp)
         if method != "naive":
             self.tp = build(method)
-            self._check_against(e3nn_tp, device)
+        self._check_against(e3nn_tp, device)
 
     def _match_paths(
         self, e3nn_tp: nn.Module, path_sizes: list[int]
@@ -189,8 +188,8 @@ class CueSymmetricContraction(nn.Module):
 
     Both compute, per channel, species-weighted sums of the equivariant polynomials of degree 1..ν;
     they differ only in the basis of those polynomials. The basis change T (cue basis -> ours) is fitted
-    on random inputs of one channel (on the CPU) and must reproduce ours exactly; a CUDA ``method`` is
-    then checked again on ``device``.
+    on random inputs of one channel (on the CPU) and must reproduce ours exactly; the converted module
+    is checked against ours on ``device``.
     """
 
     def __init__(
@@ -200,23 +199,15 @@ class CueSymmetricContraction(nn.Module):
         import cuequivariance as cue
         import cuequivariance_torch as cuet
 
-        def build(method: str) -> nn.Module:
-            return cuet.SymmetricContraction(
-                _cue_irreps(product.irreps_in), _cue_irreps(product.irreps_out), product.correlation,
-                product.weights_1.shape[0], layout=cue.mul_ir, dtype=torch.float64, method=method,
-            )
-
         basis_change = self._basis_change(product)  # (J cue weights, K ours)
         ours = torch.cat([getattr(product, f"weights_{d}") for d in range(1, product.correlation + 1)], dim=1)
-        self.contraction = build("naive")
+        self.contraction = cuet.SymmetricContraction(
+            _cue_irreps(product.irreps_in), _cue_irreps(product.irreps_out), product.correlation,
+            product.weights_1.shape[0], layout=cue.mul_ir, dtype=torch.float64, method=method,
+        )
         with torch.no_grad():
             self.contraction.weight.copy_(torch.einsum("jk,sku->sju", basis_change, ours.detach()))
-        self._check_against(product)
-        if method != "naive":
-            weight, self.contraction = self.contraction.weight.detach(), build(method)
-            with torch.no_grad():
-                self.contraction.weight.copy_(weight)
-            self._check_against(product, device)
+        self._check_against(product, device)
 
     def _basis_change(self, product: SymmetricContraction) -> torch.Tensor:
         """T with cue(x; T w) = ours(x; w) for every weight vector w of one channel and one species."""
