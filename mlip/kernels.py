@@ -54,7 +54,7 @@ def use_kernels(model: MLIPModel, kernels: str, device: str | torch.device = "cp
     method = _method(device)
     if method == "naive":
         warnings.warn("kernels='cueq' without a GPU and cuequivariance-ops-torch-cu12 runs cuEquivariance's PyTorch "
-                      "fallback: the same results, about 10x slower than e3nn on a CPU", stacklevel=2)
+                      "fallback: the same results, 2.5-7x slower than e3nn on a CPU", stacklevel=2)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # cuEquivariance's e3nn group builds its Clebsch-Gordan tables in it
     try:
