@@ -81,6 +81,14 @@ DATASETS = {
 }
 
 
+DEFAULT_SIZE = {"ours": "ours-32", "mace": "mace-L1-64"}  # also the size of result rows from before "size" existed
+
+
+def size_of(row: dict[str, Any]) -> str:
+    """The model_speed.py preset a result row was trained at."""
+    return row.get("size") or DEFAULT_SIZE[row["model"]]
+
+
 def ours_size_overrides(size: str) -> list[str]:
     """`mlip train --set` flags that give the shipped config the width of model_speed preset ``size``."""
     from mlip import ModelConfig
@@ -452,7 +460,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     for r in results:
         v = r.get("validation") or {}
         rows.append([
-            r["dataset"], r.get("size", r["model"]), float(r["budget_min"]),
+            r["dataset"], size_of(r), float(r["budget_min"]),
             None if r.get("train_s") is None else round(r["train_s"]),
             r.get("epochs"), r.get("num_parameters"),
             v.get("energy_mae_meV"), v.get("energy_mae_meV_per_atom"), v.get("forces_mae_meV_per_A"),
@@ -475,9 +483,9 @@ def plot_forces_vs_budget(results: list[dict[str, Any]], path: Path) -> Path:
     datasets = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, name in zip(axes[0], datasets):
-        for size in sorted({r.get("size", r["model"]) for r in results if r["dataset"] == name}):
+        for size in sorted({size_of(r) for r in results if r["dataset"] == name}):
             points = sorted((r["budget_min"], r["validation"]["forces_mae_meV_per_A"]) for r in results
-                            if r["dataset"] == name and r.get("size", r["model"]) == size and r.get("validation"))
+                            if r["dataset"] == name and size_of(r) == size and r.get("validation"))
             if points:
                 ax.plot(*zip(*points), marker="o" if size.startswith("ours") else "s", label=size)
         ax.set(title=name, xlabel="training budget (minutes)", ylabel="validation force MAE (meV/Å)")
@@ -509,9 +517,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default both")
     parser.add_argument("--budgets-min", nargs="+", type=float, default=[20.0, 60.0], help="training budgets, minutes")
     parser.add_argument("--models", nargs="+", choices=["ours", "mace"], default=["ours", "mace"])
-    parser.add_argument("--ours-size", choices=sorted(OURS_CONFIG), default="ours-32",
+    parser.add_argument("--ours-size", choices=sorted(OURS_CONFIG), default=DEFAULT_SIZE["ours"],
                         help="model_speed.py preset: ours-32 = the shipped width, ours = 64 channels")
-    parser.add_argument("--mace-size", choices=sorted(MACE_HIDDEN_IRREPS), default="mace-L1-64",
+    parser.add_argument("--mace-size", choices=sorted(MACE_HIDDEN_IRREPS), default=DEFAULT_SIZE["mace"],
                         help="model_speed.py preset: hidden irreps " + ", ".join(
                             f"{k} {v}" for k, v in sorted(MACE_HIDDEN_IRREPS.items())))
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads for every run")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_DIR, markdown_table, write_json
+from equal_budget import size_of
 
-DEFAULT_SIZE = {"ours": "ours-32", "mace": "mace-L1-64"}  # equal_budget rows without a "size" were trained at these
 
 
 def pareto_rows(accuracy: list[dict[str, Any]], speed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -31,7 +31,7 @@ def pareto_rows(accuracy: list[dict[str, Any]], speed: dict[str, Any]) -> list[d
     for payload, run in ((p, r) for p in accuracy for r in p["results"]):
         if "validation" not in run:
             continue
-        preset = run.get("size") or DEFAULT_SIZE[run["model"]]
+        preset = size_of(run)
         rows.append({
             "dataset": run["dataset"], "model": run["model"], "speed_preset": preset, "budget_min": run["budget_min"],
             "trained": f"{payload['machine']['date_utc'][:10]} {payload['machine']['cpu']}",  # runs differ: compare within one

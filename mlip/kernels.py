@@ -67,6 +67,13 @@ def use_kernels(model: MLIPModel, kernels: str, device: str | torch.device = "cp
     return model.to(device)
 
 
+def _require_close(got: torch.Tensor, expected: torch.Tensor, failure: str) -> None:
+    """Raise ``ValueError(failure ...)`` unless ``got`` equals ``expected`` to the conversion tolerance (relative)."""
+    error = ((got - expected).norm() / expected.norm()).item()
+    if error > _CONVERSION_TOLERANCE:
+        raise ValueError(f"{failure} by {error:.1e} (relative)")
+
+
 def _cue_irreps(irreps: o3.Irreps):
     """The same irreps in cuEquivariance, with e3nn's conventions (its O3_e3nn group)."""
     import cuequivariance as cue
@@ -174,9 +181,7 @@ class CueChannelWiseTensorProduct(nn.Module):
         x2 = torch.randn(8, e3nn_tp.irreps_in2.dim, generator=generator, dtype=torch.float64).to(device)
         weights = torch.randn(8, e3nn_tp.weight_numel, generator=generator, dtype=torch.float64).to(device)
         expected, got = e3nn_tp.to(device)(x1, x2, weights), self.to(device)(x1, x2, weights)
-        error = ((got - expected).norm() / expected.norm()).item()
-        if error > _CONVERSION_TOLERANCE:
-            raise ValueError(f"cuEquivariance tensor product differs from e3nn's by {error:.1e} (relative)")
+        _require_close(got, expected, "cuEquivariance tensor product differs from e3nn's")
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cue_weights = weights.index_select(1, self.weight_index) * self.weight_scale.to(weights.dtype)
@@ -240,9 +245,7 @@ class CueSymmetricContraction(nn.Module):
         phi_ours = responses(ours, [getattr(ours, f"weights_{d}") for d in range(1, product.correlation + 1)])
         phi_cue = responses(theirs, [theirs.weight])
         basis_change = torch.linalg.lstsq(phi_cue, phi_ours).solution
-        error = ((phi_cue @ basis_change - phi_ours).norm() / phi_ours.norm()).item()
-        if error > _CONVERSION_TOLERANCE:
-            raise ValueError(f"cuEquivariance's product basis does not span ours: residual {error:.1e}")
+        _require_close(phi_cue @ basis_change, phi_ours, "cuEquivariance's product basis does not span ours: off")
         return basis_change
 
     def _check_against(self, product: SymmetricContraction, device: torch.device = torch.device("cpu")) -> None:
@@ -252,9 +255,7 @@ class CueSymmetricContraction(nn.Module):
         species = torch.randint(0, product.weights_1.shape[0], (16,), generator=generator).to(device)
         with torch.no_grad():
             expected, got = product.to(device)(x, species), self.to(device)(x, species)
-        error = ((got - expected).norm() / expected.norm()).item()
-        if error > _CONVERSION_TOLERANCE:
-            raise ValueError(f"cuEquivariance symmetric contraction differs from ours by {error:.1e} (relative)")
+        _require_close(got, expected, "cuEquivariance symmetric contraction differs from ours")
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         return self.contraction(features, species)
