@@ -84,11 +84,20 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment for a child process pinned to ``threads`` threads."""
+def thread_env(threads: int, retain_host_memory: bool = True) -> dict[str, str]:
+    """Environment for a child process pinned to ``threads`` threads.
+
+    With ``retain_host_memory`` every child, MACE's too, keeps freed host memory for reuse (glibc's
+    thresholds as ``mlip.host_memory`` sets them for ours), so no model pays page faults the other
+    does not; without it every child, ours too, uses glibc's defaults.
+    """
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    if retain_host_memory:
+        env["MALLOC_MMAP_THRESHOLD_"], env["MALLOC_TRIM_THRESHOLD_"] = str(2**31 - 1), str(2**62)
+    else:
+        env["MLIP_RETAIN_HOST_MEMORY"] = "0"
     env["PYTHONWARNINGS"] = "ignore"
     return env
 
@@ -249,10 +258,11 @@ def worker_loop(evaluate: Callable[[], Any], ready: dict[str, Any], out: TextIO)
 class Worker:
     """Driver side of ``worker_loop``: one long-lived subprocess, queried round by round."""
 
-    def __init__(self, argv: Sequence[str], threads: int, label: str):
+    def __init__(self, argv: Sequence[str], threads: int, label: str, retain_host_memory: bool = True):
         self.label = label
         self.proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=thread_env(threads)
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=thread_env(threads, retain_host_memory),
         )
         self.ready = self._read()
 

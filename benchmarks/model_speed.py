@@ -52,7 +52,7 @@ def measure_group(case: str, dtype: str, structures: Path, args: argparse.Namesp
     try:
         for model in args.models:
             argv = worker_command(model, structures, dtype, args, args.warmup)
-            workers[model] = Worker(argv, args.threads, f"{model}/{case}/{dtype}")
+            workers[model] = Worker(argv, args.threads, f"{model}/{case}/{dtype}", args.host_memory == "retained")
         times = run_rounds(workers, args.rounds, args.max_reps, args.round_s)
         peaks = {name: w.close() for name, w in workers.items()}
     finally:
@@ -106,6 +106,9 @@ def parse_args() -> argparse.Namespace:
                         help="model: prebuilt graph -> energy+forces; full: neighbour list and batching included")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--host-memory", choices=("retained", "returned"), default="retained",
+                        help="retained: every worker keeps freed memory for reuse (mlip.host_memory); "
+                             "returned: glibc's defaults for every worker")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case and dtype")
     parser.add_argument("--round-s", type=float, default=3.0, help="seconds each model runs per round (>= 1 eval)")
     parser.add_argument("--max-reps", type=int, default=200, help="evaluations per model per round at most")

@@ -19,7 +19,9 @@ from common import SPECIES, claim_stdout, peak_rss_mb, set_threads, worker_loop
 
 # ours: the default ModelConfig (64 channels); ours-32: the shipped checkpoints' size (equal_budget.py trains it)
 OURS_CONFIG = {"ours": {}, "ours-32": {"num_channels": 32}}
-OURS_VARIANTS = {"-compiled": {"compile": True}, "-cueq": {"kernels": "cueq"}}  # Potential options, by preset suffix
+# Potential options, by preset suffix; -pathwise: e3nn's per-path tensor-product code (the eager path before
+# mlip.tensor_product's single contraction, for side-by-side timing)
+OURS_VARIANTS = {"-compiled": {"compile": True}, "-cueq": {"kernels": "cueq"}, "-pathwise": {}}
 MODELS = (
     *(size + suffix for size in OURS_CONFIG for suffix in ("", *OURS_VARIANTS)), "mace-small", "mace-L1-64", "mace-medium"
 )
@@ -35,12 +37,15 @@ Built = tuple[Evaluator, dict[str, Any], torch.nn.Module]  # evaluate(), its inf
 def ours_evaluator(frames: list, preset: str, dtype: str, stage: str, device: str) -> Built:
     """Our ModelConfig of ``preset`` (random weights) behind mlip.Potential; energy + forces as numpy."""
     from mlip import MLIPModel, ModelConfig, Potential, Structure, batch_graphs
+    from mlip.tensor_product import use_e3nn_pathwise
 
     size, options = preset, {}
     for suffix, option in OURS_VARIANTS.items():
         if preset.endswith(suffix):
             size, options = preset.removesuffix(suffix), option
     model = MLIPModel(ModelConfig(species=SPECIES, cutoff=CUTOFF_A, **OURS_CONFIG[size]))
+    if preset.endswith("-pathwise"):
+        use_e3nn_pathwise(model)
     potential = Potential(model, device=device, dtype=dtype, **options)
 
     def build():

@@ -183,9 +183,19 @@ class CueChannelWiseTensorProduct(nn.Module):
         expected, got = e3nn_tp.to(device)(x1, x2, weights), self.to(device)(x1, x2, weights)
         _require_close(got, expected, "cuEquivariance tensor product differs from e3nn's")
 
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        """Node features as ``messages`` takes them (cuEquivariance takes e3nn's layout)."""
+        return x
+
+    def messages(self, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Edge messages in cuEquivariance's output order: sum them over edges, then ``to_e3nn_layout``."""
+        return self.tp(x1, x2, weights.index_select(1, self.weight_index) * self.weight_scale.to(weights.dtype))
+
+    def to_e3nn_layout(self, messages: torch.Tensor) -> torch.Tensor:
+        return messages.index_select(-1, self.output_index)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        cue_weights = weights.index_select(1, self.weight_index) * self.weight_scale.to(weights.dtype)
-        return self.tp(x1, x2, cue_weights).index_select(1, self.output_index)
+        return self.to_e3nn_layout(self.messages(x1, x2, weights))
 
 
 class CueSymmetricContraction(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 from .config import ModelConfig
 from .product import SymmetricContraction
 from .radial import BesselBasis, PolynomialCutoff
+from .tensor_product import ChannelWiseTensorProduct
 
 
 def channel_irreps(channels: int, l_max: int, parity: bool) -> o3.Irreps:
@@ -50,26 +51,12 @@ class Interaction(nn.Module):
         num_species = len(config.species)
         self.irreps_in, self.irreps_out = irreps_in, irreps_out
         irreps_a = channel_irreps(config.num_channels, config.sh_l_max, config.parity)
-        wanted = {ir for _, ir in irreps_a}
-
-        mid, instructions = [], []
-        for i, (mul, ir_in) in enumerate(irreps_in):
-            for j, (_, ir_sh) in enumerate(irreps_sh):
-                for ir_out in ir_in * ir_sh:
-                    if ir_out in wanted:
-                        instructions.append((i, j, len(mid), "uvu", True))
-                        mid.append((mul, ir_out))
-        irreps_mid, permutation, _ = o3.Irreps(mid).sort()
-        instructions = [(i, j, permutation[k], mode, w) for i, j, k, mode, w in instructions]
-
         self.linear_up = o3.Linear(irreps_in, irreps_in)
-        self.tensor_product = o3.TensorProduct(
-            irreps_in, irreps_sh, irreps_mid, instructions, shared_weights=False, internal_weights=False
-        )
+        self.tensor_product = ChannelWiseTensorProduct(irreps_in, irreps_sh, [ir for _, ir in irreps_a])
         kernel_in = config.num_radial + 2 * config.species_embed_dim
         widths = [kernel_in] + [config.kernel_hidden] * config.kernel_layers + [self.tensor_product.weight_numel]
         self.kernel = e3nn_nn.FullyConnectedNet(widths, torch.nn.functional.silu)
-        self.linear_message = o3.Linear(irreps_mid.simplify(), irreps_a)
+        self.linear_message = o3.Linear(self.tensor_product.irreps_out.simplify(), irreps_a)
         self.product = SymmetricContraction(irreps_a, irreps_out, config.correlation, num_species)
         self.linear_out = o3.Linear(irreps_out, irreps_out)
         self.self_connection = (
@@ -91,11 +78,12 @@ class Interaction(nn.Module):
     ) -> torch.Tensor:
         receiver, sender = edge_index
         weights = self.kernel(edge_attr) * edge_envelope.unsqueeze(-1)
-        messages = self.tensor_product(self.linear_up(features)[sender], edge_sh, weights)
+        tp = self.tensor_product
+        messages = tp.messages(tp.channel_major(self.linear_up(features))[sender], edge_sh, weights)
         aggregated = torch.zeros(
             features.shape[0], messages.shape[1], dtype=messages.dtype, device=messages.device
         ).index_add(0, receiver, messages)
-        atomic_basis = self.linear_message(aggregated * self.inv_avg_num_neighbors)
+        atomic_basis = self.linear_message(tp.to_e3nn_layout(aggregated) * self.inv_avg_num_neighbors)
         out = self.linear_out(self.product(atomic_basis, species))
         if self.self_connection is not None:
             out = out + self.self_connection(features, species_onehot)

@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph, stress_defined
+from .host_memory import retain_freed_host_memory
 from .kernels import kernels_of, use_kernels
 from .model import MLIPModel
 from .properties import compute_properties
@@ -54,6 +55,8 @@ class Potential:
         converted weights, the same results to float64 round-off, CUDA kernels on GPUs); "e3nn" keeps the model's own."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        if self.device.type == "cpu":
+            retain_freed_host_memory()  # activations of large structures are reused, not page-faulted afresh
         self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge (32 channels, float64)
         self.model = use_kernels(model, kernels, self.device).to(device=self.device, dtype=self.dtype).eval()
         self.kernels = kernels_of(self.model)
