@@ -59,8 +59,9 @@ class ChannelWiseTensorProduct(o3.TensorProduct):
         for p in paths:
             ins = self.instructions[p]
             l1, l2 = self.irreps_in1[ins.i_in1].ir.l, self.irreps_in2[ins.i_in2].ir.l
-            dim_out = self.irreps_out[ins.i_out].ir.dim
-            w3j = o3.wigner_3j(l1, l2, (dim_out - 1) // 2, dtype=torch.float64) * ins.path_weight  # (i, j, m)
+            l_out = self.irreps_out[ins.i_out].ir.l
+            dim_out = 2 * l_out + 1
+            w3j = o3.wigner_3j(l1, l2, l_out, dtype=torch.float64) * ins.path_weight  # (i, j, m)
             i0, j0 = start1[ins.i_in1], start2[ins.i_in2]
             dense[j0 : j0 + 2 * l2 + 1, i0 : i0 + 2 * l1 + 1, k0 : k0 + dim_out] = w3j.transpose(0, 1)
             expand[p, k0 : k0 + dim_out] = 1.0
