@@ -95,7 +95,9 @@ def thread_env(threads: int, retain_host_memory: bool = True) -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     if retain_host_memory:
-        env["MALLOC_MMAP_THRESHOLD_"], env["MALLOC_TRIM_THRESHOLD_"] = str(2**31 - 1), str(2**62)
+        from mlip.host_memory import glibc_environment  # the driver's venv; workers (MACE's) need not import mlip
+
+        env.update(glibc_environment())
     else:
         env["MLIP_RETAIN_HOST_MEMORY"] = "0"
     env["PYTHONWARNINGS"] = "ignore"

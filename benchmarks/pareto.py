@@ -11,6 +11,7 @@ times the same architectures (random weights: the cost does not depend on them).
         --out benchmarks/results/model_speed_pareto.json
     python benchmarks/pareto.py --accuracy benchmarks/results/equal_budget.json \\
         benchmarks/results/equal_budget_ours64_mace_small.json benchmarks/results/equal_budget_ours32_mace_small.json \\
+        benchmarks/results/equal_budget_dense_ours32_mace_small.json \\
         --speed benchmarks/results/model_speed_pareto_small.json benchmarks/results/model_speed_pareto.json
 
 Timing the sizes in pairs (each beside its MACE counterpart) keeps every worker's retained memory
@@ -26,7 +27,6 @@ from typing import Any
 
 from common import BENCH_DIR, markdown_table, write_json
 from equal_budget import size_of
-
 
 
 def pareto_rows(accuracy: list[dict[str, Any]], speed: list[dict[str, Any]]) -> list[dict[str, Any]]:

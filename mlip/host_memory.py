@@ -36,3 +36,11 @@ def retain_freed_host_memory() -> bool:
         return False
     _retained = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER))
     return _retained
+
+
+def glibc_environment() -> dict[str, str]:
+    """The same settings as environment variables, for a process that does not call this module (set before it starts).
+
+    The trim threshold is a size there, not an int: 2**62 bytes stands for "never".
+    """
+    return {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_ABOVE), "MALLOC_TRIM_THRESHOLD_": str(2**62)}

@@ -24,6 +24,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .constants import Float64Constants
+
 
 def _couplings(ls: tuple[tuple[int, int], ...], degree: int) -> list[tuple[o3.Irrep, torch.Tensor]]:
     """All ways of coupling ``degree`` copies of the irreps ``ls`` (l, parity) to one irrep.
@@ -103,7 +105,7 @@ def symmetric_basis(irreps_in: str, ir_out: str, degree: int) -> torch.Tensor:
     return (picked * counts[None, :, None]).permute(1, 0, 2).contiguous()
 
 
-class SymmetricContraction(nn.Module):
+class SymmetricContraction(Float64Constants):
     """Per channel, Σ_ν Σ_k W_ν[species, k, u] B_ν,k(A_u): species-dependent products of A up to degree ν.
 
     ``irreps_in`` must be ``mul`` copies of each of its irreps (e3nn ``mul_ir`` layout, e.g.
@@ -123,15 +125,13 @@ class SymmetricContraction(nn.Module):
         self.dims_in = [ir.dim for _, ir in self.irreps_in]
         self.dims_out = [ir.dim for _, ir in self.irreps_out]
         self.num_basis: list[list[int]] = []  # [degree][output irrep] -> K
-        self._basis64: list[torch.Tensor] = []  # float64 masters: a float32 round trip must not round them
         for degree in range(1, correlation + 1):
             bases = [symmetric_basis(one_channel, str(ir), degree) for _, ir in self.irreps_out]
             index, _ = _monomials(sum(self.dims_in), degree)
             self.num_basis.append([b.shape[-1] for b in bases])
             # (Σ_out M·K, P): one matrix product per degree serves every output irrep
             stacked = torch.cat([b.reshape(b.shape[0], -1) for b in bases], dim=1).T.contiguous()
-            self._basis64.append(stacked)
-            self.register_buffer(f"basis_{degree}", stacked, persistent=False)
+            self.register_constant(f"basis_{degree}", stacked)
             if degree > 1:  # monomial i1..iν = (monomial i1..iν-1 of the previous degree) * x_iν: one product per degree
                 previous = {tuple(t): k for k, t in enumerate(_monomials(sum(self.dims_in), degree - 1)[0].tolist())}
                 parents = torch.tensor([previous[tuple(t)] for t in index[:, :-1].tolist()], dtype=torch.int64)
@@ -143,12 +143,6 @@ class SymmetricContraction(nn.Module):
             )
         if all(sum(k) == 0 for k in self.num_basis):
             raise ValueError(f"no equivariant product maps {self.irreps_in} to {self.irreps_out}")
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for degree, master in enumerate(self._basis64, start=1):
-            self._buffers[f"basis_{degree}"] = fn(master)
-        return self
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in.dim) features and (N,) species indices -> (N, irreps_out.dim)."""

@@ -20,8 +20,10 @@ import functools
 import torch
 from e3nn import o3
 
+from .constants import Float64Constants
 
-class ChannelWiseTensorProduct(o3.TensorProduct):
+
+class ChannelWiseTensorProduct(Float64Constants, o3.TensorProduct):
     """e3nn ``TensorProduct`` with channel-wise ("uvu") paths and per-edge weights, evaluated as a dense contraction.
 
     ``irreps_in1`` must hold the same multiplicity of every irrep (``mul_ir`` layout, one channel u
@@ -50,14 +52,12 @@ class ChannelWiseTensorProduct(o3.TensorProduct):
         start2 = [sum(dims2[:k]) for k in range(len(dims2))]
         out_slices = self.irreps_out.slices()
 
-        paths = sorted(range(len(self.instructions)), key=lambda p: self.instructions[p].i_out)  # in output order
         self.num_k = sum(ir.dim for _, ir in self.irreps_out)  # output components of one channel
         dense = torch.zeros(sum(dims2), sum(dims1), self.num_k, dtype=torch.float64)  # (j, i, k)
-        expand = torch.zeros(len(paths), self.num_k, dtype=torch.float64)  # path weight p -> its components k
+        expand = torch.zeros(len(self.instructions), self.num_k, dtype=torch.float64)  # path weight p -> its components k
         to_e3nn = torch.empty(self.irreps_out.dim, dtype=torch.int64)  # e3nn output slot <- flat (u, k)
         k0 = 0
-        for p in paths:
-            ins = self.instructions[p]
+        for p, ins in enumerate(self.instructions):
             l1, l2 = self.irreps_in1[ins.i_in1].ir.l, self.irreps_in2[ins.i_in2].ir.l
             l_out = self.irreps_out[ins.i_out].ir.l
             dim_out = 2 * l_out + 1
@@ -68,17 +68,10 @@ class ChannelWiseTensorProduct(o3.TensorProduct):
             u, m = torch.arange(channels).repeat_interleave(dim_out), torch.arange(dim_out).repeat(channels)
             to_e3nn[out_slices[ins.i_out]] = u * self.num_k + k0 + m  # e3nn's block of a path is (u, m), u-major
             k0 += dim_out
-        self._masters = {"dense": dense.reshape(sum(dims2), -1), "expand": expand}
-        for name, master in self._masters.items():
-            self.register_buffer(name, master.clone(), persistent=False)
+        self.register_constant("dense", dense.reshape(sum(dims2), -1))
+        self.register_constant("expand", expand)
         self.register_buffer("to_e3nn", to_e3nn, persistent=False)
         self.feature_dims = dims1  # components of each input irrep in one channel
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for name, master in self._masters.items():  # from float64 masters: a float32 round trip must not round them
-            self._buffers[name] = fn(master)
-        return self
 
     def channel_major(self, x: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in1.dim) in e3nn's layout -> (N, u, i): the components of each channel together."""

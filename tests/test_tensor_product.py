@@ -73,6 +73,23 @@ def test_model_equals_e3nn_per_path(molecule_atoms, crystal_atoms):
             torch.testing.assert_close(torch.as_tensor(a[name]), torch.as_tensor(b[name]), rtol=1e-10, atol=1e-10)
 
 
+def test_float32_round_trip_keeps_float64_constants(molecule_atoms):
+    """Clebsch-Gordan and product-basis tables come back from their float64 masters after .float().double().
+
+    The weights themselves are rounded by the trip, so the reference gets the same rounded weights.
+    """
+    torch.manual_seed(0)
+    model = MLIPModel(make_config())
+    round_trip = copy.deepcopy(model).float().double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.float().double())
+    structure = Structure.from_atoms(molecule_atoms)
+    (a,), (b,) = (Potential(m).evaluate([structure]) for m in (model, round_trip))
+    assert a["energy"] == b["energy"]
+    assert (a["forces"] == b["forces"]).all()
+
+
 def test_repeated_evaluation_reuses_host_memory():
     """After the first evaluation of a large cell the next ones page-fault (almost) nothing.
 
