@@ -1,14 +1,15 @@
 """Batching throughput: N concurrent aspirin MD clients (WebSocket) against one `mlip serve`, batching on and off.
 
 For each server mode (batching on: the server's defaults; off: ``--max-batch-atoms 1``, so every
-batch holds one structure) and each client count, all clients warm up, start together and run
-velocity Verlet steps for ``--duration-s``. Reports aggregate steps/s, p50/p99 step latency and the
+batch holds one structure) and each client count, all clients (one process each) warm up, start
+together and run velocity Verlet steps for ``--duration-s``. Reports aggregate steps/s, p50/p99 step latency and the
 mean batch size over the timed window (from the server's /metrics).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import threading
 import time
 from typing import Any
@@ -32,44 +33,53 @@ MODES = {"on": [], "off": ["--max-batch-atoms", "1"]}  # extra `mlip serve` flag
 MAX_STEPS = 10**9  # clients stop at the deadline, not at a step count
 
 
-def run_clients(server: Server, atoms, clients: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``clients`` MD loops in threads, released together; aggregate rate, latencies and mean batch size."""
+def client_process(url: str, atoms, seed: int, args: argparse.Namespace, ready, go, results) -> None:
+    """One MD client in its own process (as real clients are: no shared GIL): warm up, wait, run to the deadline."""
     from mlip.remote import RemoteCalculator
 
-    ready = threading.Barrier(clients + 1)
-    start = threading.Event()
-    step_times: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
+    calc = RemoteCalculator(url, transport="ws")
+    try:
+        dyn = start_md(atoms, calc, args.timestep_fs, seed=seed)
+        md_step_times_ms(dyn, args.warmup_steps)
+        ready.wait()
+        go.wait()
+        results.put((seed, md_step_times_ms(dyn, MAX_STEPS, deadline=time.perf_counter() + args.duration_s)))
+    except Exception as err:  # report, do not hang the others at the barrier
+        ready.abort()
+        go.abort()
+        results.put((seed, f"{type(err).__name__}: {err}"))
+    finally:
+        calc.close()
 
-    def client(i: int) -> None:
-        calc = RemoteCalculator(server.url, transport="ws")
-        try:
-            dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed + i)
-            md_step_times_ms(dyn, args.warmup_steps)
-            ready.wait()
-            start.wait()
-            step_times[i] = md_step_times_ms(dyn, MAX_STEPS, deadline=deadline)
-        except Exception as err:  # report, do not hang the barrier
-            errors.append(f"client {i}: {type(err).__name__}: {err}")
-            ready.abort()
-        finally:
-            calc.close()
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    batch_sum0, batch_count0 = server.metric_sums("mlip_batch_structures")
-    t0 = time.perf_counter()
-    deadline = t0 + args.duration_s
-    start.set()
-    for t in threads:
-        t.join()
-    wall_s = time.perf_counter() - t0
-    batch_sum1, batch_count1 = server.metric_sums("mlip_batch_structures")
+def run_clients(server: Server, atoms, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``clients`` MD loops, one process each, released together; aggregate rate, latencies and mean batch size."""
+    ctx = mp.get_context("spawn")
+    ready, go, results = ctx.Barrier(clients + 1), ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=client_process, args=(server.url, atoms, args.seed + i, args, ready, go, results))
+             for i in range(clients)]  # fmt: skip
+    for p in procs:
+        p.start()
+    try:
+        ready.wait(timeout=300)
+        batch_sum0, batch_count0 = server.metric_sums("mlip_batch_structures")
+        t0 = time.perf_counter()
+        go.wait(timeout=60)
+        outcomes = [results.get(timeout=args.duration_s + 120) for _ in procs]
+        wall_s = time.perf_counter() - t0
+        batch_sum1, batch_count1 = server.metric_sums("mlip_batch_structures")
+    except threading.BrokenBarrierError:
+        outcomes = [results.get(timeout=10) for _ in range(results.qsize())]
+        raise RuntimeError(f"a client failed: {[o for _, o in outcomes if isinstance(o, str)]}") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [f"client {seed}: {o}" for seed, o in outcomes if isinstance(o, str)]
     if errors:
         raise RuntimeError("; ".join(errors))
-    flat = np.concatenate([np.asarray(t) for t in step_times])
+    flat = np.concatenate([np.asarray(o) for _, o in outcomes])
     return {
         "clients": clients, "steps": int(flat.size), "wall_s": wall_s, "steps_per_s": flat.size / wall_s,
         "p50_ms": float(np.percentile(flat, 50)), "p99_ms": float(np.percentile(flat, 99)),

@@ -219,7 +219,9 @@ CASES = {
     "aspirin": "aspirin, 21 atoms (first rMD17 frame)",
     "cu1008": "periodic fcc Cu, 6x6x7 cubic cells = 1008 atoms, rattled 0.05 Å",
     "aspirin32": "batch of 32 aspirin structures (672 atoms)",
+    "cu10976": "periodic fcc Cu, 14x14x14 cubic cells = 10976 atoms, rattled 0.05 Å (for GPUs)",
 }
+CU_REPEATS = {"cu1008": (6, 6, 7), "cu10976": (14, 14, 14)}
 
 
 def case_frames(case: str, data: Path) -> list:
@@ -228,7 +230,7 @@ def case_frames(case: str, data: Path) -> list:
         return aspirin_frames(data, 1)
     if case == "aspirin32":
         return aspirin_frames(data, 32)
-    return [crystal("Cu", (6, 6, 7))]
+    return [crystal("Cu", CU_REPEATS[case])]
 
 
 # ---------------------------------------------------------------- worker processes (JSON lines)

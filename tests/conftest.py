@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,29 @@ from ase.build import bulk, molecule
 from mlip import MLIPModel, ModelConfig, Potential
 
 torch.set_num_threads(2)
+
+# `MLIP_TEST_DEVICE=cuda pytest` runs the suite with every Potential the tests build (and every server they
+# start) on that device instead of the CPU; CI runs on the CPU. GPU-only tests skip where CUDA is absent.
+TEST_DEVICE = os.environ.get("MLIP_TEST_DEVICE", "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def potentials_on_test_device():
+    """Route the CPU device the tests ask for to ``MLIP_TEST_DEVICE`` (servers too, via MLIP_DEVICE)."""
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    import mlip.potential
+
+    resolve = mlip.potential.resolve_device
+    mlip.potential.resolve_device = lambda device: resolve(TEST_DEVICE if str(device) in ("cpu", "auto") else device)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLIP_DEVICE", TEST_DEVICE)
+    yield
+    patch.undo()
+    mlip.potential.resolve_device = resolve
+
 
 SPECIES = [1, 6, 7, 8, 13, 29]  # H C N O Al Cu
 

@@ -11,7 +11,7 @@ import torch
 from mlip import MLIPModel, Potential, Structure
 from mlip.kernels import CueChannelWiseTensorProduct, cueq_available, use_kernels
 
-from .conftest import make_config
+from .conftest import make_config, needs_cuda
 
 needs_cueq = pytest.mark.skipif(not cueq_available(), reason="cuequivariance-torch is not installed")
 
@@ -105,9 +105,9 @@ def test_a_wrong_conversion_is_refused(default_pair):
 
 
 @needs_cueq
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cueq_on_cuda_equals_e3nn(molecule_atoms):
-    """On a GPU with cuequivariance-ops-torch-cu12 this runs cuEquivariance's CUDA kernels."""
+    """On a GPU with cuequivariance-ops-torch-cu12 (or -cu13) this runs cuEquivariance's CUDA kernels."""
     reference = random_model(**DEFAULT)
     e3nn = Potential(copy.deepcopy(reference), device="cuda", dtype="float64")
     cueq = Potential(reference, device="cuda", dtype="float64", kernels="cueq")

@@ -28,6 +28,7 @@ from mlip.server.metrics import Metrics
 from mlip.server.settings import Settings
 from mlip.server.worker import BatchWorker, DeviceTurns
 
+from .conftest import needs_cuda
 from .serverproc import make_checkpoint, one_torch_thread  # noqa: F401
 
 
@@ -470,6 +471,47 @@ def test_out_of_memory_splits_batch_and_rejects_only_too_large(client, reference
     assert r.status_code == 413 and r.json()["error"]["field"] == "structures[1]"
     assert "12 atoms does not fit" in r.json()["error"]["message"]
     assert client.post("/v1/calculate", json={"structures": [as_json(atoms[0])]}).status_code == 200
+
+
+@needs_cuda
+def test_real_cuda_out_of_memory_splits_batch_and_keeps_serving(checkpoint):
+    """A real CUDA out-of-memory: with the allocator capped at 2.5 structures' worth, a batch of six is
+    split until it fits, a structure four times larger alone is a 413, and the server keeps serving."""
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True) * (6, 6, 6)  # 864 atoms
+    cell.rattle(0.05, seed=3)
+    limits = dict(max_batch_atoms=10**6, max_atoms_per_structure=10**5, max_atoms_per_request=10**6,
+                  max_edges_per_structure=10**8)  # fmt: skip
+    with serve(checkpoint, device="cuda", **limits) as client:
+        potential = client.app.state.registry.models["small"].potential
+        ref = potential.evaluate([Structure.from_atoms(cell)], ALL)[0]
+        torch.cuda.synchronize(potential.device)
+        base = torch.cuda.memory_allocated(potential.device)
+        torch.cuda.reset_peak_memory_stats(potential.device)
+        potential.evaluate([Structure.from_atoms(cell)], ALL)
+        one = torch.cuda.max_memory_allocated(potential.device) - base
+        total = torch.cuda.get_device_properties(potential.device).total_memory
+        original, batches = potential.evaluate_graphs, []
+
+        def recording(graphs, properties):
+            batches.append(len(graphs))
+            return original(graphs, properties)
+
+        potential.evaluate_graphs = recording
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((base + 2.5 * one) / total, potential.device)
+        try:
+            r = client.post("/v1/calculate", json={"structures": [as_json(cell)] * 6, "properties": ALL})
+            assert r.status_code == 200, r.text
+            assert batches[0] == 6 and len(batches) > 1, batches  # the batch of six did not fit and was split
+            for result in r.json()["results"]:
+                assert_same(result, ref, atol=1e-9)
+            r = client.post("/v1/calculate", json={"structures": [as_json(cell * (2, 2, 1))]})
+            assert r.status_code == 413 and "3456 atoms does not fit in cuda" in r.json()["error"]["message"], r.text
+            assert client.post("/v1/calculate", json={"structures": [as_json(cell)]}).status_code == 200
+            assert client.get("/health/ready").status_code == 200
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, potential.device)
+            del potential.evaluate_graphs
 
 
 def test_unexpected_failure_hits_only_the_bad_structure(client, reference, monkeypatch):
