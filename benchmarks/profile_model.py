@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA kernels are then profiled too)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--depth", type=int, default=3, help="label submodules up to this many dots deep")
     parser.add_argument("--top", type=int, default=25)
@@ -48,11 +49,12 @@ def main() -> None:
     args = parser.parse_args()
 
     set_threads(args.threads)
-    evaluate, info, module = make_evaluator(args.model, case_frames(args.case, args.data), args.dtype, "model")
+    evaluate, info, module = make_evaluator(args.model, case_frames(args.case, args.data), args.dtype, "model", args.device)
     for _ in range(3):
         evaluate()
     label_modules(module, args.depth)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.reps):
             evaluate()
     events = prof.key_averages()
@@ -68,6 +70,10 @@ def main() -> None:
     print("\n## forward time by module (inclusive; backward not attributed)\n\n| module | ms |\n|---|---|")
     for e in modules[: args.top]:
         print(f"| {e.key.removeprefix(MODULE_PREFIX)} | {e.cpu_time_total / 1e3 / args.reps:.3f} |")
+    if args.device.startswith("cuda"):
+        print("\n## top operators by self CUDA time (per evaluation)\n\n| op | self ms | calls |\n|---|---|---|")
+        for e in sorted(ops, key=lambda e: -e.self_device_time_total)[: args.top]:
+            print(f"| {e.key} | {e.self_device_time_total / 1e3 / args.reps:.3f} | {e.count // args.reps} |")
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlip import MLIPModel, Potential, Structure
-from mlip.kernels import CueChannelWiseTensorProduct, cueq_available, use_kernels
+from mlip.kernels import CueChannelWiseTensorProduct, _method, cueq_available, use_kernels
 
 from .conftest import make_config, needs_cuda
 
@@ -72,7 +72,7 @@ def test_cueq_model_equals_e3nn_model(default_pair, molecule_atoms, crystal_atom
 
 
 @needs_cueq
-@pytest.mark.filterwarnings("ignore:kernels='cueq' without a GPU")
+@pytest.mark.filterwarnings("ignore:kernels='cueq' runs cuEquivariance's PyTorch fallback")
 @pytest.mark.parametrize("config", OTHER_CONFIGS.values(), ids=OTHER_CONFIGS)
 def test_cueq_equals_e3nn_for_other_architectures(config, molecule_atoms, crystal_atoms):
     reference = random_model(**config)
@@ -107,7 +107,9 @@ def test_a_wrong_conversion_is_refused(default_pair):
 @needs_cueq
 @needs_cuda
 def test_cueq_on_cuda_equals_e3nn(molecule_atoms):
-    """On a GPU with cuequivariance-ops-torch-cu12 (or -cu13) this runs cuEquivariance's CUDA kernels."""
+    """On a GPU this must run cuEquivariance's CUDA kernels (cuequivariance-ops-torch-cu12/-cu13), not its fallback."""
+    method, why = _method(torch.device("cuda"))
+    assert method != "naive", why
     reference = random_model(**DEFAULT)
     e3nn = Potential(copy.deepcopy(reference), device="cuda", dtype="float64")
     cueq = Potential(reference, device="cuda", dtype="float64", kernels="cueq")

@@ -483,13 +483,14 @@ def test_real_cuda_out_of_memory_splits_batch_and_keeps_serving(checkpoint):
                   max_edges_per_structure=10**8)  # fmt: skip
     with serve(checkpoint, device="cuda", **limits) as client:
         potential = client.app.state.registry.models["small"].potential
+        gpu = potential.device.index if potential.device.index is not None else torch.cuda.current_device()
         ref = potential.evaluate([Structure.from_atoms(cell)], ALL)[0]
-        torch.cuda.synchronize(potential.device)
-        base = torch.cuda.memory_allocated(potential.device)
-        torch.cuda.reset_peak_memory_stats(potential.device)
+        torch.cuda.synchronize(gpu)
+        base = torch.cuda.memory_allocated(gpu)
+        torch.cuda.reset_peak_memory_stats(gpu)
         potential.evaluate([Structure.from_atoms(cell)], ALL)
-        one = torch.cuda.max_memory_allocated(potential.device) - base
-        total = torch.cuda.get_device_properties(potential.device).total_memory
+        one = torch.cuda.max_memory_allocated(gpu) - base
+        total = torch.cuda.get_device_properties(gpu).total_memory
         original, batches = potential.evaluate_graphs, []
 
         def recording(graphs, properties):
@@ -498,7 +499,7 @@ def test_real_cuda_out_of_memory_splits_batch_and_keeps_serving(checkpoint):
 
         potential.evaluate_graphs = recording
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((base + 2.5 * one) / total, potential.device)
+        torch.cuda.set_per_process_memory_fraction((base + 2.5 * one) / total, gpu)
         try:
             r = client.post("/v1/calculate", json={"structures": [as_json(cell)] * 6, "properties": ALL})
             assert r.status_code == 200, r.text
@@ -510,7 +511,7 @@ def test_real_cuda_out_of_memory_splits_batch_and_keeps_serving(checkpoint):
             assert client.post("/v1/calculate", json={"structures": [as_json(cell)]}).status_code == 200
             assert client.get("/health/ready").status_code == 200
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, potential.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, gpu)
             del potential.evaluate_graphs
 
 
