@@ -1,7 +1,7 @@
 """Batching throughput: N concurrent aspirin MD clients (WebSocket) against one `mlip serve`, batching on and off.
 
 For each server mode (batching on: the server's defaults; off: ``--max-batch-atoms 1``, so every
-batch holds one structure) and each client count, all clients (one process each) warm up, start
+batch holds one structure; on-no-session-wait: ``--session-wait-ms 0``) and each client count, all clients (one process each) warm up, start
 together and run velocity Verlet steps for ``--duration-s``. Reports aggregate steps/s, p50/p99 step latency and the
 mean batch size over the timed window (from the server's /metrics).
 """
@@ -29,7 +29,8 @@ from common import (
     write_json,
 )
 
-MODES = {"on": [], "off": ["--max-batch-atoms", "1"]}  # extra `mlip serve` flags per batching mode
+# extra `mlip serve` flags per batching mode; on-no-session-wait: batching without waiting for open sessions' steps
+MODES = {"on": [], "off": ["--max-batch-atoms", "1"], "on-no-session-wait": ["--session-wait-ms", "0"]}
 MAX_STEPS = 10**9  # clients stop at the deadline, not at a step count
 
 

@@ -111,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await websocket.send_bytes(wire.packb(reply))
         except WebSocketDisconnect:
             return
+        finally:
+            session.close()
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, summary="Served models")
     async def models() -> ModelsResponse:

@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch-atoms", type=int, help="atom budget of one micro-batch (default 4096)")
     parser.add_argument("--max-wait-ms", type=float, help="wait to gather larger batches, ms (default 0)")
+    parser.add_argument(
+        "--session-wait-ms", type=float,
+        help="wait for open WebSocket sessions' next steps to join a batch, ms (default 3 on a GPU, 0 on a CPU; "
+             "at most half the last batch's time)",
+    )
     parser.add_argument("--max-queue", type=int, help="structures waiting per model before 503 (default 1024)")
     parser.add_argument("--log-level", help="uvicorn log level (default info)")
 

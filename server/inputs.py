@@ -139,11 +139,13 @@ async def off_loop(build: Callable[..., T], *args: Any, small: bool = False) -> 
 
 
 async def evaluate(
-    served: ServedModel, settings: Settings, graphs: list[AtomicGraph], properties: Iterable[str], prefix: str | None
+    served: ServedModel, settings: Settings, graphs: list[AtomicGraph], properties: Iterable[str], prefix: str | None,
+    session: bool = False,
 ) -> list[dict[str, Any]]:
-    """Queue graphs on the model's worker and await their results (503 if full, 504 on timeout)."""
+    """Queue graphs on the model's worker and await their results (503 if full, 504 on timeout);
+    ``session``: a WebSocket session's step."""
     try:
-        futures = served.worker.submit(graphs, set(properties))
+        futures = served.worker.submit(graphs, set(properties), session)
     except QueueFull as err:
         raise ApiError(503, None, f"{err}; retry later", {"Retry-After": str(settings.retry_after_s)}) from err
     try:

@@ -87,7 +87,7 @@ class ModelRegistry:
                 turns = device_turns.setdefault(str(potential.device), DeviceTurns())  # one pass at a time per device
                 worker = BatchWorker(
                     potential, self.metrics, s.max_batch_atoms, s.max_wait_ms / 1000, s.max_queue,
-                    s.max_edges_per_structure, turns,
+                    s.max_edges_per_structure, turns, s.session_wait_s(potential.device),
                 )
                 worker.start()
                 self.models[potential.name] = ServedModel(potential, worker, card_summary(path))

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlip.checkpoint import DEFAULT_CHECKPOINT, SHIPPED_DIR, find_checkpoint
 from mlip.kernels import KERNELS
 from mlip.verlet import DEFAULT_SKIN
+
+
+# A GPU's forward pass costs about the same for 1 or 16 small molecules (launch-bound), so merging MD sessions
+# into one batch pays; on a CPU the cost grows with the batch and waiting only adds latency (measured there).
+GPU_SESSION_WAIT_MS = 3.0
 
 
 class Settings(BaseSettings):
@@ -35,6 +41,11 @@ class Settings(BaseSettings):
 
     max_batch_atoms: int = Field(4096, ge=1, description="atom budget of one micro-batch")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait (ms) to gather a larger batch; 0 = none")
+    session_wait_ms: float | None = Field(
+        None, ge=0, le=1000,
+        description="wait (ms) for open WebSocket sessions' next steps to join a batch (at most half the last batch's "
+        f"time); default {GPU_SESSION_WAIT_MS} on a GPU, 0 on a CPU",
+    )
     max_queue: int = Field(1024, ge=1, description="structures waiting per model before 503")
     max_atoms_per_structure: int = Field(4096, ge=1)
     max_atoms_per_request: int = Field(65536, ge=1)
@@ -86,6 +97,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"default model {self.default_model!r} is not among the served models {sorted(served)}")
             return self.default_model
         return DEFAULT_CHECKPOINT.stem if DEFAULT_CHECKPOINT.stem in served else served[0]
+
+    def session_wait_s(self, device: torch.device) -> float:
+        """Seconds a worker on ``device`` waits for open sessions' steps (``session_wait_ms``, else by device)."""
+        if self.session_wait_ms is not None:
+            return self.session_wait_ms / 1000
+        return GPU_SESSION_WAIT_MS / 1000 if device.type == "cuda" else 0.0
 
     def api_keys(self) -> list[str]:
         """Accepted API keys (none set: authentication off). A key or keys file that is set but empty is an

@@ -67,6 +67,8 @@ class StreamSession:
             return structure, graph_of(potential, self.settings, structure, neighbors)
 
         structure, graph = await off_loop(prepare, small=len(message.numbers) <= ON_LOOP_MAX_ATOMS)
+        self.close()
+        served.worker.session_opened()
         self.served, self.neighbors, self.structure = served, neighbors, structure
         self.properties = list(message.properties)
         return await self._evaluate(graph)
@@ -89,8 +91,14 @@ class StreamSession:
         self.structure, graph = await off_loop(prepare, small=len(last.numbers) <= ON_LOOP_MAX_ATOMS)
         return await self._evaluate(graph)
 
+    def close(self) -> None:
+        """The session leaves its model's worker (which then stops expecting its steps)."""
+        if self.served is not None:
+            self.served.worker.session_closed()
+            self.served = None
+
     async def _evaluate(self, graph: AtomicGraph) -> dict[str, Any]:
         assert self.served is not None
-        (result,) = await evaluate(self.served, self.settings, [graph], self.properties, None)
+        (result,) = await evaluate(self.served, self.settings, [graph], self.properties, None, session=True)
         return {"type": "result", "model": self.served.ref, "results": result}
 

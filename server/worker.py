@@ -2,7 +2,9 @@
 
 Whenever the thread is free it takes every waiting structure (up to an atom budget) as one batch,
 runs one batched forward pass and hands each result to its caller's event loop. Requests that
-arrive during a forward pass form the next batch, so a lone client waits for nothing extra.
+arrive during a forward pass form the next batch, so a lone client waits for nothing extra. Open
+WebSocket sessions are expected back: while some have no step queued, the worker waits briefly for
+them, so MD clients do not split into cohorts that alternate on the device at half the batch size.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     source: int  # which submit call (HTTP request, WebSocket message) it came from: the unit of fairness
+    session: bool  # a WebSocket session's step: its session is not expected back until this is answered
     atoms: int = field(init=False)
     edges: int = field(init=False)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -99,12 +102,17 @@ class BatchWorker:
         max_queue: int = 1024,
         max_batch_edges: int = 1 << 62,
         device_turns: DeviceTurns | None = None,
+        session_wait_s: float = 0.0,
     ) -> None:
-        """``device_turns`` is shared by the workers of all models on the same device (default: this one alone)."""
+        """``device_turns`` is shared by the workers of all models on the same device (default: this one alone).
+        ``session_wait_s``: longest wait for open sessions' next steps (capped at half the last batch's time)."""
         self.potential, self.metrics, self.name = potential, metrics, potential.name
         self.device_turns = device_turns or DeviceTurns()
         self.max_batch_atoms, self.max_wait_s, self.max_queue = max_batch_atoms, max_wait_s, max_queue
         self.max_batch_edges = max_batch_edges  # memory scales with edges: a batch never exceeds this many
+        self.session_wait_s = session_wait_s
+        self._sessions = 0  # open WebSocket sessions on this model
+        self._last_batch_s = 0.0
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -127,11 +135,21 @@ class BatchWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, graphs: list[AtomicGraph], properties: set[str]) -> list[asyncio.Future]:
-        """Enqueue all graphs or none (``QueueFull``); call from the event loop, await the futures."""
+    def session_opened(self) -> None:
+        with self._cond:
+            self._sessions += 1
+
+    def session_closed(self) -> None:
+        with self._cond:
+            self._sessions -= 1
+            self._cond.notify()
+
+    def submit(self, graphs: list[AtomicGraph], properties: set[str], session: bool = False) -> list[asyncio.Future]:
+        """Enqueue all graphs or none (``QueueFull``); call from the event loop, await the futures.
+        ``session``: the step of an open WebSocket session (``session_opened``)."""
         loop = asyncio.get_running_loop()
         source = next(self._sources)
-        jobs = [Job(g, frozenset(properties), loop.create_future(), loop, source) for g in graphs]
+        jobs = [Job(g, frozenset(properties), loop.create_future(), loop, source, session) for g in graphs]
         with self._cond:
             if self._stopping:
                 raise QueueFull("server is shutting down")
@@ -158,9 +176,22 @@ class BatchWorker:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+            self._wait_for_sessions()
             batch = self._fair_share()
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             return batch
+
+    def _wait_for_sessions(self) -> None:
+        """While open sessions have no step queued, wait for them (at most ``session_wait_s``, and at most half
+        the last batch's time, so a fast model is not slowed by more than half); call holding ``_cond``."""
+        deadline = time.perf_counter() + min(self.session_wait_s, self._last_batch_s / 2)
+        while not self._stopping and sum(job.session for job in self._queue) < self._sessions:
+            if sum(job.atoms for job in self._queue) >= self.max_batch_atoms:
+                return
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def _fair_share(self) -> list[Job]:
         """Up to the atom and edge budgets, one structure per waiting request in turn (oldest request first), so a
@@ -215,7 +246,7 @@ class BatchWorker:
                 outcomes = [self._evaluate_alone(job) for job in batch]
         failed = all(isinstance(o, ApiError) and o.status >= 500 for o in outcomes)
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
-        seconds = time.perf_counter() - start
+        seconds = self._last_batch_s = time.perf_counter() - start
         self.metrics.observe_batch(
             self.name, len(batch), sum(j.atoms for j in batch), [start - j.enqueued for j in batch], seconds
         )

@@ -389,6 +389,68 @@ def test_max_wait_gathers_requests_arriving_later(reference, max_wait_s, expecte
     assert batches == expected and max(energies) - min(energies) < 1e-12  # same structure, same energy in any batch
 
 
+def take_with_sessions(worker: BatchWorker, graph, open_sessions: int, late: str | None) -> tuple[int, float]:
+    """Two sessions' steps queued, ``open_sessions`` open; 0.2 s into ``_take``, the third session either sends
+    its step (``late="step"``) or closes (``late="close"``). Returns the batch size and the seconds ``_take`` took."""
+    for _ in range(open_sessions):
+        worker.session_opened()
+
+    def timed_take() -> tuple[int, float]:
+        start = time.perf_counter()
+        return len(worker._take()), time.perf_counter() - start
+
+    async def run() -> tuple[int, float]:
+        for _ in range(2):
+            worker.submit([graph], {"energy"}, session=True)
+        take = asyncio.create_task(asyncio.to_thread(timed_take))
+        await asyncio.sleep(0.2)
+        if late == "step":
+            worker.submit([graph], {"energy"}, session=True)
+        elif late == "close":
+            worker.session_closed()
+        return await take
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("session_wait_s, expected", [(2.0, 3), (0.0, 2)])
+def test_worker_waits_for_open_sessions_next_steps(reference, session_wait_s, expected):
+    """Three WebSocket sessions open, two steps queued: the third step joins the batch instead of running
+    alone after it (MD clients would otherwise settle into cohorts that alternate at half the batch size)."""
+    graph = reference.graph(Structure.from_atoms(structures()[0]))
+    worker = BatchWorker(reference, Metrics(), session_wait_s=session_wait_s)  # not started: _take by hand
+    worker._last_batch_s = 10.0
+    size, _ = take_with_sessions(worker, graph, open_sessions=3, late="step")
+    assert size == expected
+
+
+def test_session_wait_is_bounded_by_the_last_batch_and_ends_when_a_session_closes(reference):
+    graph = reference.graph(Structure.from_atoms(structures()[0]))
+    worker = BatchWorker(reference, Metrics(), session_wait_s=2.0)
+    worker._last_batch_s = 0.1  # at most 0.05 s of waiting
+    size, seconds = take_with_sessions(worker, graph, open_sessions=3, late=None)
+    assert size == 2 and seconds < 0.15
+    worker = BatchWorker(reference, Metrics(), session_wait_s=10.0)
+    worker._last_batch_s = 100.0
+    size, seconds = take_with_sessions(worker, graph, open_sessions=3, late="close")
+    assert size == 2 and 0.2 <= seconds < 1.0
+    worker = BatchWorker(reference, Metrics(), session_wait_s=10.0)
+    worker._last_batch_s = 100.0
+    size, seconds = take_with_sessions(worker, graph, open_sessions=2, late=None)  # everyone is in: no wait
+    assert size == 2 and seconds < 0.15
+
+
+def test_stream_sessions_are_counted_while_open(client):
+    worker = client.app.state.registry.models["small"].worker
+    with client.websocket_connect("/v1/stream") as ws:
+        assert worker._sessions == 0  # connected, no model chosen yet
+        for i in range(2):  # a second start on the same connection does not count twice
+            ws.send_bytes(wire.packb({"type": "start", **good(), "id": i}))
+            assert wire.unpackb(ws.receive_bytes())["type"] == "result"
+            assert worker._sessions == 1
+    wait_until(lambda: worker._sessions == 0)
+
+
 def test_queue_full_answers_503_with_retry_after(checkpoint):
     with serve(checkpoint, max_queue=1, retry_after_s=3) as c:
         potential = c.app.state.registry.models["small"].potential
@@ -644,7 +706,7 @@ def test_unknown_kernels_setting_is_refused():
 
 
 @pytest.mark.skipif(not cueq_available(), reason="cuequivariance-torch is not installed")
-@pytest.mark.filterwarnings("ignore:kernels='cueq' without a GPU")
+@pytest.mark.filterwarnings("ignore:kernels='cueq' runs cuEquivariance's PyTorch fallback")
 def test_server_on_cueq_kernels_matches_in_process_e3nn(checkpoint, reference):
     atoms = structures()
     refs = reference.evaluate([Structure.from_atoms(a) for a in atoms], ALL)
