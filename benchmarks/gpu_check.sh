@@ -55,9 +55,9 @@ profile() {
 }
 
 batching() {
-    step "aggregate MD steps/s at 1, 16 and 64 WebSocket clients (one process each), batching on, float32"
-    timeout 120 python3 benchmarks/batching_throughput.py --device cuda --dtype float32 --threads 4 --clients 1 16 64 \
-        --modes on --duration-s 5 --data $DATA --out "$OUT/batching_cuda.json"
+    step "aggregate MD steps/s at 1, 16 and 64 WebSocket clients (one process each), with and without the session wait, float32"
+    timeout 200 python3 benchmarks/batching_throughput.py --device cuda --dtype float32 --threads 4 --clients 1 16 64 \
+        --modes on on-no-session-wait --duration-s 5 --data $DATA --out "$OUT/batching_cuda.json"
 }
 
 overhead() {
