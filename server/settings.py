@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlip.checkpoint import DEFAULT_CHECKPOINT, SHIPPED_DIR, find_checkpoint
 from mlip.kernels import KERNELS
 from mlip.verlet import DEFAULT_SKIN
+
+if TYPE_CHECKING:
+    import torch
 
 
 # A GPU's forward pass costs about the same for 1 or 16 small molecules (launch-bound), so merging MD sessions

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -169,25 +169,23 @@ class BatchWorker:
                 self._cond.wait()
             if self._stopping:
                 return None
-            if self.max_wait_s > 0:
-                deadline = self._queue[0].enqueued + self.max_wait_s
-                while sum(j.atoms for j in self._queue) < self.max_batch_atoms and not self._stopping:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-            self._wait_for_sessions()
+            if self.max_wait_s > 0:  # a fuller batch: until the atom budget is reached
+                self._wait_until(self._budget_full, self._queue[0].enqueued + self.max_wait_s)
+            # open sessions' next steps (at most half the last batch's time, so a fast model is not slowed by more)
+            self._wait_until(
+                lambda: self._budget_full() or sum(job.session for job in self._queue) >= self._sessions,
+                time.perf_counter() + min(self.session_wait_s, self._last_batch_s / 2),
+            )
             batch = self._fair_share()
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             return batch
 
-    def _wait_for_sessions(self) -> None:
-        """While open sessions have no step queued, wait for them (at most ``session_wait_s``, and at most half
-        the last batch's time, so a fast model is not slowed by more than half); call holding ``_cond``."""
-        deadline = time.perf_counter() + min(self.session_wait_s, self._last_batch_s / 2)
-        while not self._stopping and sum(job.session for job in self._queue) < self._sessions:
-            if sum(job.atoms for job in self._queue) >= self.max_batch_atoms:
-                return
+    def _budget_full(self) -> bool:
+        return sum(job.atoms for job in self._queue) >= self.max_batch_atoms
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> None:
+        """Wait (holding ``_cond``) until ``done()``, the ``perf_counter`` ``deadline`` or a stop, whichever is first."""
+        while not self._stopping and not done():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return

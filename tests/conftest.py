@@ -38,12 +38,11 @@ def potentials_on_test_device():
     import mlip.potential
 
     resolve = mlip.potential.resolve_device
-    mlip.potential.resolve_device = lambda device: resolve(TEST_DEVICE if str(device) in ("cpu", "auto") else device)
     patch = pytest.MonkeyPatch()
+    patch.setattr(mlip.potential, "resolve_device", lambda device: resolve(TEST_DEVICE if str(device) in ("cpu", "auto") else device))
     patch.setenv("MLIP_DEVICE", TEST_DEVICE)
     yield
     patch.undo()
-    mlip.potential.resolve_device = resolve
 
 
 SPECIES = [1, 6, 7, 8, 13, 29]  # H C N O Al Cu
