@@ -3,13 +3,18 @@
 One server subprocess (same thread count and dtype as the in-process calculator). Each round runs
 ``--steps`` velocity Verlet steps from the same start with every transport in turn (order rotated
 per round); overhead is a transport's median ms/step minus the in-process one, paired round by round.
-The server's own /metrics split its share: time per request, and of that, time outside the forward pass
-(decoding, validation, neighbour list, queue hand-offs); the rest of the overhead is client and socket.
+The forward pass itself varies by milliseconds between rounds on a shared CPU, so the headline figure
+subtracts it step by step instead: mean ms/step minus mean ms of the forward pass (timed in-process
+around ``Potential.evaluate_graphs``, in the server by its /metrics, which time the same call), paired with
+in-process round by round. The server's /metrics also split its share: time per request, and of that,
+time outside the forward pass (decoding, validation, neighbour list, queue hand-offs).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,42 +72,73 @@ class JsonHTTPCalculator(Calculator):
         self.results = ase_results(result)
 
 
-def calculator_factories(checkpoint: Path, url: str, dtype: str, device: str) -> dict[str, Callable[[], Calculator]]:
-    """A fresh calculator per transport (the in-process model is loaded once and shared)."""
+class ForwardTimer:
+    """Wraps a Potential's ``evaluate_graphs`` (the call the server's mlip_compute_seconds times): (sum s, count)."""
+
+    def __init__(self, potential) -> None:
+        self.seconds, self.calls = 0.0, 0
+        evaluate_graphs = potential.evaluate_graphs
+
+        def timed(*args: Any, **kwargs: Any):
+            start = time.perf_counter()
+            try:
+                return evaluate_graphs(*args, **kwargs)
+            finally:
+                self.seconds, self.calls = self.seconds + time.perf_counter() - start, self.calls + 1
+
+        potential.evaluate_graphs = timed
+
+    def sums(self) -> tuple[float, float]:
+        return self.seconds, float(self.calls)
+
+
+def calculator_factories(
+    checkpoint: Path, url: str, dtype: str, device: str
+) -> tuple[dict[str, Callable[[], Calculator]], ForwardTimer]:
+    """A fresh calculator per transport (the in-process model is loaded once and shared), and the timer of
+    the in-process forward passes."""
     from mlip import MLIPCalculator, Potential
     from mlip.remote import RemoteCalculator
 
     potential = Potential.load(checkpoint, device=device, dtype=dtype)
+    timer = ForwardTimer(potential)
     return {
         "in-process": lambda: MLIPCalculator(potential),
         "ws": lambda: RemoteCalculator(url, transport="ws"),
         "http-msgpack": lambda: RemoteCalculator(url, transport="http"),
         "http-json": lambda: JsonHTTPCalculator(url),
-    }
+    }, timer
 
 
 SERVER_METRICS = {"server_ms": "mlip_request_seconds", "compute_ms": "mlip_compute_seconds"}
 
 
 def run_rounds(
-    factories: dict[str, Callable[[], Calculator]], atoms, args: argparse.Namespace, server: Server
+    factories: dict[str, Callable[[], Calculator]], timer: ForwardTimer, atoms, args: argparse.Namespace, server: Server
 ) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
     """ABAB rounds: every transport runs ``--steps`` MD steps per round. Returns step times (ms) per round,
-    and per transport the server's own mean ms per request and per forward pass (from /metrics)."""
+    and per transport and round the mean ms per request and per forward pass (the server's /metrics; for
+    in-process, ``timer``) and forward passes per step."""
     names = list(args.transports)
     times: dict[str, list] = {name: [] for name in names}
-    inside: dict[str, dict[str, list]] = {name: {key: [] for key in SERVER_METRICS} for name in names}
+    inside: dict[str, dict[str, list]] = {
+        name: {key: [] for key in [*SERVER_METRICS, "forward_passes_per_step"]} for name in names
+    }
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             calc = factories[name]()
             dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed)
             md_step_times_ms(dyn, args.warmup_steps)
-            before = {key: server.metric_sums(metric) for key, metric in SERVER_METRICS.items()}
+            sources = {"compute_ms": timer.sums} if name == "in-process" else {
+                key: functools.partial(server.metric_sums, metric) for key, metric in SERVER_METRICS.items()
+            }
+            before = {key: sums() for key, sums in sources.items()}
             times[name].append(md_step_times_ms(dyn, args.steps))
-            if name != "in-process":
-                for key, metric in SERVER_METRICS.items():
-                    (s0, n0), (s1, n1) = before[key], server.metric_sums(metric)
-                    inside[name][key].append(1e3 * (s1 - s0) / max(n1 - n0, 1))
+            for key, sums in sources.items():
+                (s0, n0), (s1, n1) = before[key], sums()
+                inside[name][key].append(1e3 * (s1 - s0) / max(n1 - n0, 1))
+                if key == "compute_ms":
+                    inside[name]["forward_passes_per_step"].append((n1 - n0) / len(times[name][-1]))
             if hasattr(calc, "close"):
                 calc.close()
     return times, inside
@@ -111,17 +147,25 @@ def run_rounds(
 def summarize(times: dict[str, list], inside: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
     """Per transport: step-time statistics, the overhead over in-process (paired by round) and where the
     server's share of it goes: its time per request outside the forward pass (mean over rounds)."""
+    def outside_forward(name: str) -> list[float]:  # per round: mean ms/step minus mean ms per forward pass
+        return [float(np.mean(t)) - c for t, c in zip(times[name], inside[name]["compute_ms"])]
+
     base = [np.median(t) for t in times.get("in-process", [])]
+    base_outside = outside_forward("in-process") if "in-process" in times else []
     rows = []
     for name, rounds in times.items():
         stats = summarize_ms([t for r in rounds for t in r])
         medians = [float(np.median(t)) for t in rounds]
         overheads = [m - b for m, b in zip(medians, base)] if base else []
+        paired = [o - b for o, b in zip(outside_forward(name), base_outside)] if base_outside else []
         server = {key: float(np.mean(v)) if v else None for key, v in inside[name].items()}
         outside_model = server["server_ms"] - server["compute_ms"] if server["server_ms"] is not None else None
         rows.append({"transport": name, **stats, "round_median_ms": medians,
                      "overhead_ms": float(np.median(overheads)) if overheads else None,
                      "overhead_rounds_ms": overheads, "steps_per_s": 1e3 / stats["median_ms"],
+                     "outside_forward_ms": float(np.mean(outside_forward(name))),
+                     "overhead_outside_forward_ms": float(np.median(paired)) if paired else None,
+                     "overhead_outside_forward_rounds_ms": paired,
                      **server, "server_outside_model_ms": outside_model})  # fmt: skip
     return rows
 
@@ -145,15 +189,18 @@ def main() -> None:
     info = machine_info(args.threads)
     (atoms,) = aspirin_frames(args.data, 1)
     with Server(checkpoint, args.threads, args.dtype, device=args.device) as server:
-        times, inside = run_rounds(calculator_factories(checkpoint, server.url, args.dtype, args.device), atoms, args, server)
+        factories, timer = calculator_factories(checkpoint, server.url, args.dtype, args.device)
+        times, inside = run_rounds(factories, timer, atoms, args, server)
     rows = summarize(times, inside)
     settings = settings_of(args)
     write_json(args.out, {"benchmark": "service_overhead", "machine": info, "settings": settings,
                           "transports": TRANSPORTS, "results": rows})  # fmt: skip
     headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)",
-               "server ms/request (mean)", "of which outside the forward pass"]  # fmt: skip
+               "ms/step outside the forward pass", "overhead outside the forward pass (median of rounds)",
+               "server ms/request (mean)", "server ms outside the forward pass"]  # fmt: skip
     print(markdown_table(headers, [[r["transport"], r["median_ms"], r["mean_ms"], f"{r['p10_ms']:.3g}–{r['p90_ms']:.3g}",
-                                    r["steps_per_s"], r["overhead_ms"], r["server_ms"], r["server_outside_model_ms"]]
+                                    r["steps_per_s"], r["overhead_ms"], r["outside_forward_ms"],
+                                    r["overhead_outside_forward_ms"], r["server_ms"], r["server_outside_model_ms"]]
                                    for r in rows]))  # fmt: skip
 
 

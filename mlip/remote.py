@@ -8,13 +8,13 @@ at once as ``RemoteError`` (a ``ValueError``) carrying the server's message.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-import httpx
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from . import wire
 from .calculator import ase_results, wanted_properties
 from .graph import cell_has_stress
+from .http_connection import HTTPConnection
 from .websocket import WebSocket
 
 T = TypeVar("T")
@@ -92,7 +93,7 @@ class RemoteCalculator(Calculator):
         self.timeout, self.reconnect_s, self.backoff_s = timeout, reconnect_s, backoff_s
         api_key = api_key or os.environ.get("MLIP_API_KEY")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http: httpx.Client | None = None
+        self._http = HTTPConnection(self.url, self._headers, timeout)  # connects on first use; checks the URL now
         self._ws: WebSocket | None = None
         self._session: tuple | None = None  # what the server's WebSocket session holds: (numbers, properties)
         self._sent_cell: np.ndarray | None = None
@@ -119,9 +120,7 @@ class RemoteCalculator(Calculator):
     def close(self) -> None:
         """Close the WebSocket and HTTP connections (a later calculation reopens them)."""
         self._drop_ws()
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self._http.close()
 
     def __enter__(self) -> "RemoteCalculator":
         return self
@@ -143,24 +142,19 @@ class RemoteCalculator(Calculator):
         raise AssertionError("unreachable")
 
     def _post(self, images: list[Atoms], properties: list[str]) -> list[dict[str, Any]]:
-        """One msgpack POST /v1/calculate over the persistent HTTP client."""
-        if self._http is None:
-            self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=self.timeout)
+        """One msgpack POST /v1/calculate over the persistent HTTP connection."""
         payload = {"model": self.model, "structures": [_structure(a) for a in images], "properties": properties}
         try:
-            response = self._http.post(
-                "/v1/calculate",
-                content=wire.packb(payload),
-                headers={"Content-Type": wire.MSGPACK, "Accept": wire.MSGPACK},
+            status, content_type, data = self._http.post(
+                "/v1/calculate", wire.packb(payload), {"Content-Type": wire.MSGPACK, "Accept": wire.MSGPACK}
             )
-        except httpx.TimeoutException as err:  # the server may still be computing: never queue it twice
+        except TimeoutError as err:  # the server may still be computing: never queue it twice
             raise TimeoutError(f"no answer from {self.url} within {self.timeout:g} s") from err
-        except httpx.TransportError as err:
+        except (OSError, http.client.HTTPException) as err:
             raise _Unavailable(f"{type(err).__name__}: {err}") from err
-        is_msgpack = response.headers.get("content-type", "").startswith(wire.MSGPACK)
-        body = wire.unpackb(response.content) if is_msgpack else _json_body(response.content)
-        if response.status_code != 200:
-            raise _error_from(response.status_code, body)
+        body = wire.unpackb(data) if content_type.startswith(wire.MSGPACK) else _json_body(data)
+        if status != 200:
+            raise _error_from(status, body)
         self.server_model = body["model"]
         return body["results"]
 

@@ -42,6 +42,11 @@ class VerletGraphs:
         self._inside = np.zeros(0, dtype=bool)
         self.searches = 0  # neighbour searches run so far (the rest of the calls reused one)
 
+    @property
+    def candidate_pairs(self) -> int:
+        """Pairs within r_c + skin that the last search found (what this object holds in memory)."""
+        return 0 if self._pairs is None else len(self._pairs[0])
+
     def reusable(self, structure: Structure) -> bool:
         """Whether ``graph(structure)`` can reuse the last search: same atoms, cell and pbc, and no atom
         moved more than skin/2 (cheap: call it on an event loop to decide where the work goes)."""

@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         served = registry.get(data.model)
         atoms = sum(len(s.numbers) for s in data.structures)
-        graphs = await off_loop(build_graphs, served.potential, settings, data.structures, small=atoms <= ON_LOOP_MAX_ATOMS)
+        graphs = await off_loop(build_graphs, served, settings, data.structures, small=atoms <= ON_LOOP_MAX_ATOMS)
         results = await evaluate(served, settings, graphs, data.properties, "structures")
         return encode({"model": served.ref, "results": results}, request.headers.get("accept"))
 

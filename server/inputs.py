@@ -21,6 +21,7 @@ from mlip.verlet import VerletGraphs
 
 from .errors import ApiError, from_validation_error
 from .models import ServedModel
+from .neighbor_cache import NeighborCache
 from .settings import Settings
 from .worker import QueueFull
 
@@ -94,28 +95,18 @@ def structure_of(settings: Settings, numbers: np.ndarray, positions: np.ndarray,
         return Structure.from_arrays(numbers, positions, cell, pbc)
 
 
-def graph_of(potential: Potential, settings: Settings, structure: Structure, neighbors: VerletGraphs | None = None) -> AtomicGraph:
-    """The structure's neighbour-list graph (reusing ``neighbors``' search where it can); 422 if it is refused."""
+def graph_of(
+    potential: Potential, settings: Settings, structure: Structure, neighbors: VerletGraphs | NeighborCache | None = None
+) -> AtomicGraph:
+    """The structure's neighbour-list graph (reusing ``neighbors``' searches where it can); 422 if it is refused."""
     with input_errors():
         if neighbors is None:
             return potential.graph(structure, settings.max_edges_per_structure)
         return neighbors.graph(structure, settings.max_edges_per_structure)
 
 
-def build_graph(
-    potential: Potential,
-    settings: Settings,
-    numbers: np.ndarray,
-    positions: np.ndarray,
-    cell: np.ndarray | None,
-    pbc: Any,
-) -> AtomicGraph:
-    """Validate one structure and build its neighbour-list graph; 413/422 naming the field otherwise."""
-    return graph_of(potential, settings, structure_of(settings, numbers, positions, cell, pbc))
-
-
-def build_graphs(potential: Potential, settings: Settings, structures: list) -> list[AtomicGraph]:
-    """Graphs for a request's structures; request-wide limits first, errors named ``structures[i].<field>``."""
+def build_graphs(served: ServedModel, settings: Settings, structures: list) -> list[AtomicGraph]:
+    """Validated graphs for a request's structures; request-wide limits first, errors named ``structures[i].<field>``."""
     if len(structures) > settings.max_structures_per_request:
         raise ApiError(413, "structures", f"{len(structures)} structures exceed the limit of {settings.max_structures_per_request} per request")
     total = sum(len(s.numbers) for s in structures)
@@ -124,7 +115,8 @@ def build_graphs(potential: Potential, settings: Settings, structures: list) -> 
     graphs = []
     for i, s in enumerate(structures):
         try:
-            graphs.append(build_graph(potential, settings, s.numbers, s.positions, s.cell, s.pbc))
+            structure = structure_of(settings, s.numbers, s.positions, s.cell, s.pbc)
+            graphs.append(graph_of(served.potential, settings, structure, served.neighbors))
         except ApiError as err:
             raise err.within(f"structures[{i}]") from err
     return graphs

@@ -13,6 +13,7 @@ from mlip import Potential, Structure
 
 from .errors import ApiError
 from .metrics import Metrics
+from .neighbor_cache import NeighborCache
 from .schemas import ModelInfo, ModelRef
 from .settings import Settings
 from .worker import BatchWorker, DeviceTurns
@@ -28,6 +29,7 @@ class ServedModel:
     potential: Potential
     worker: BatchWorker
     summary: str | None
+    neighbors: NeighborCache  # HTTP requests' neighbour searches, reused by clients that step through MD
 
     @property
     def ref(self) -> dict[str, str]:
@@ -90,7 +92,7 @@ class ModelRegistry:
                     s.max_edges_per_structure, turns, s.session_wait_s(potential.device),
                 )
                 worker.start()
-                self.models[potential.name] = ServedModel(potential, worker, card_summary(path))
+                self.models[potential.name] = ServedModel(potential, worker, card_summary(path), NeighborCache(potential, s.neighbor_skin))
                 log.info("serving %s (%s) on %s as %s", potential.name, potential.sha256[:12], potential.device, potential.dtype)
             self.default, self.ready = s.default_model_name(list(self.models)), True
         except Exception as err:

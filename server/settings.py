@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         250_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
     )
     neighbor_skin: float = Field(
-        DEFAULT_SKIN, ge=0, le=2.0, description="Å; a WebSocket session reuses its neighbour search until an atom moves half this far"
+        DEFAULT_SKIN, ge=0, le=2.0, description="Å; a WebSocket session, or a structure sent again over HTTP, reuses its neighbour search until an atom moves half this far"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body or WebSocket frame")
     request_timeout_s: float = Field(120.0, gt=0, description="longest wait for a result before 504")

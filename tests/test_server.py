@@ -125,6 +125,19 @@ def test_only_requested_properties(client, reference):
     np.testing.assert_allclose(r.json()["results"][0]["energies"], ref["energies"], atol=1e-10)
 
 
+def test_http_md_steps_reuse_the_neighbour_search(client, reference):
+    crystal = structures()[1]
+    neighbors = client.app.state.registry.models["small"].neighbors
+    reused = neighbors.reused
+    rng = np.random.default_rng(3)
+    for _ in range(6):  # an MD client over HTTP: the same atoms and cell, positions a little further each step
+        crystal.positions += rng.normal(0.0, 0.01, crystal.positions.shape)
+        r = client.post("/v1/calculate", json={"structures": [as_json(crystal)], "properties": ALL})
+        (ref,) = reference.evaluate([Structure.from_atoms(crystal)], ALL)
+        assert_same(r.json()["results"][0], ref)
+    assert neighbors.reused - reused >= 4  # searched afresh on the first sighting (and the second), then reused
+
+
 def good() -> dict:
     return {"numbers": [6, 8], "positions": [[0, 0, 0], [1.2, 0, 0]]}
 

@@ -136,3 +136,44 @@ def test_calculator_validates_whatever_changed_between_calls(potential, crystal_
     atoms.positions = good
     with pytest.raises(ValueError, match="thick"):
         atoms.get_forces()
+
+
+def test_http_neighbor_cache_reuses_searches_for_repeated_structures_only(potential, crystal_atoms, molecule_atoms) -> None:
+    from mlip.server.neighbor_cache import NeighborCache
+
+    cache = NeighborCache(potential, skin=0.5)
+    rng = np.random.default_rng(1)
+    positions = crystal_atoms.positions.copy()
+    for _ in range(30):  # MD over HTTP: the same atoms, cell and pbc with moving positions
+        positions += rng.normal(0.0, 0.02, positions.shape)
+        structure = Structure.from_arrays(crystal_atoms.numbers, positions, crystal_atoms.cell.array, crystal_atoms.pbc)
+        assert edges(cache.graph(structure, 10**6)) == edges(build_graph(structure, potential.species_index, potential.cutoff))
+    assert 20 <= cache.reused < 29  # searched on the first two sightings and when atoms moved past skin/2
+    kept = len(cache._searches)
+    for n in range(2, 12):  # screening: every structure once
+        molecule = molecule_atoms.copy()
+        molecule.cell = np.eye(3) * (10.0 + n)
+        cache.graph(Structure.from_atoms(molecule), 10**6)
+    assert len(cache._searches) == kept == 1  # nothing kept for structures seen once
+
+
+def test_http_neighbor_cache_stays_within_its_pair_budget_and_is_thread_safe(potential, crystal_atoms) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlip.server.neighbor_cache import NeighborCache
+
+    budget = 1000  # ~340 candidate pairs per cell: room for two or three of the eight cells
+    cache = NeighborCache(potential, skin=0.5, max_pairs=budget)
+    cells = [crystal_atoms.cell.array * (1.0 + 0.01 * k) for k in range(8)]
+    rng = np.random.default_rng(2)
+
+    def step(k: int) -> bool:
+        positions = crystal_atoms.positions + rng.normal(0.0, 0.02, crystal_atoms.positions.shape)
+        structure = Structure.from_arrays(crystal_atoms.numbers, positions, cells[k % len(cells)], crystal_atoms.pbc)
+        fresh = build_graph(structure, potential.species_index, potential.cutoff)
+        return edges(cache.graph(structure, 10**6)) == edges(fresh)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(step, range(200)))
+    assert 0 < len(cache._searches) < len(cells) and cache.reused > 0
+    assert sum(v.candidate_pairs for v in cache._searches.values()) == cache._pairs <= budget
