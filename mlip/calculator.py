@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
@@ -13,7 +14,23 @@ from .potential import Potential
 from .verlet import DEFAULT_SKIN, VerletGraphs
 
 
-class MLIPCalculator(Calculator):
+class StructureInputs:
+    """For ASE calculators whose results depend on numbers, positions, cell and pbc alone: whether to reuse the
+    last results is decided by comparing exactly those four. ASE's own ``check_state`` compares every array
+    with tolerances: ~0.1 ms for aspirin, and an MD step calls it three times."""
+
+    atoms: Atoms | None
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        old = self.atoms
+        if old is None:
+            return list(all_changes)
+        pairs = {"numbers": (old.numbers, atoms.numbers), "positions": (old.positions, atoms.positions),
+                 "cell": (old.cell.array, atoms.cell.array), "pbc": (old.pbc, atoms.pbc)}  # fmt: skip
+        return [name for name, (a, b) in pairs.items() if not np.array_equal(a, b)]
+
+
+class MLIPCalculator(StructureInputs, Calculator):
     """ASE calculator: energy/free_energy (eV), forces (eV/Å), stress (eV/Å³, periodic), energies (eV)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]

@@ -21,7 +21,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from . import wire
-from .calculator import ase_results, wanted_properties
+from .calculator import StructureInputs, ase_results, wanted_properties
 from .graph import cell_has_stress
 from .http_connection import HTTPConnection
 from .websocket import WebSocket
@@ -67,7 +67,7 @@ def _structure(atoms: Atoms) -> dict[str, Any]:
     }
 
 
-class RemoteCalculator(Calculator):
+class RemoteCalculator(StructureInputs, Calculator):
     """ASE calculator backed by a server: energy/free_energy (eV), forces (eV/Å), stress (eV/Å³), energies (eV)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]

@@ -37,6 +37,28 @@ def test_properties_match_potential(checkpoint, potential, crystal_atoms):
     assert atoms.get_stress().shape == (6,)
 
 
+def test_results_are_reused_exactly_until_numbers_positions_cell_or_pbc_change(potential, crystal_atoms, monkeypatch):
+    evaluations = []
+    evaluate_graphs = potential.evaluate_graphs
+    monkeypatch.setattr(potential, "evaluate_graphs", lambda *a, **k: evaluations.append(1) or evaluate_graphs(*a, **k))
+    atoms = crystal_atoms.copy()
+    atoms.calc = MLIPCalculator(potential)
+    energy = atoms.get_potential_energy()
+    atoms.get_forces(), atoms.get_stress()
+    atoms.set_initial_magnetic_moments(np.ones(len(atoms)))  # not an input of the potential: nothing to redo
+    assert atoms.get_potential_energy() == energy and len(evaluations) == 1
+    changes = [
+        lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] + 1e-12),
+        lambda a: a.set_cell(a.cell.array * (1 + 1e-9), scale_atoms=False),
+        lambda a: a.set_pbc([True, True, False]),
+        lambda a: a.numbers.__setitem__(0, 13 if a.numbers[0] != 13 else 29),
+    ]
+    for n, change in enumerate(changes, start=2):
+        change(atoms)
+        atoms.get_potential_energy()
+        assert len(evaluations) == n
+
+
 def test_stress_only_for_periodic(checkpoint, molecule_atoms):
     molecule_atoms.calc = MLIPCalculator(checkpoint)
     molecule_atoms.get_forces()
