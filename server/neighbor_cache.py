@@ -2,8 +2,8 @@
 
 Such a client sends the same atoms, cell and periodicity at every step with positions that moved a
 little, so a structure seen before reuses its search with a Verlet skin, as a WebSocket session does
-(on the 2-vCPU VM a fresh search costs aspirin ~0.9 ms per request inside the server, a reused one
-~0.2 ms). A structure seen for the first time gets a plain search: screening many different structures
+(on the 2-vCPU VM, validating an aspirin request and building its graph took 0.94 ms inside the server
+with a fresh search, 0.46 ms with a reused one). A structure seen for the first time gets a plain search: screening many different structures
 pays nothing extra. The cache is bounded by the candidate pairs it holds and evicts the least recently used.
 """
 
