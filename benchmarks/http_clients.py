@@ -7,8 +7,6 @@ what differs between the columns is the client alone. Rounds alternate the clien
 
 from __future__ import annotations
 
-import argparse
-import http.client
 import time
 from typing import Callable
 
@@ -64,8 +62,7 @@ def main() -> None:
                     send()
                     times.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
     rows = [{"client": name, **summarize_ms(t)} for name, t in times.items()]
-    write_json(args.out, {"benchmark": "http_clients", "machine": info, "settings": settings_of(args),
-                          "http_client_module": http.client.__name__, "results": rows})  # fmt: skip
+    write_json(args.out, {"benchmark": "http_clients", "machine": info, "settings": settings_of(args), "results": rows})
     print(markdown_table(["client", "ms/request (median)", "mean", "p10", "p90"],
                          [[r["client"], r["median_ms"], r["mean_ms"], r["p10_ms"], r["p90_ms"]] for r in rows]))  # fmt: skip
 

@@ -39,15 +39,12 @@ class HTTPConnection:
                 self._conn.request("POST", self.prefix + path, body=body, headers={**self.headers, **headers})
                 response = self._conn.getresponse()
                 data = response.read()
-            except TimeoutError:
-                self.close()
-                raise
             except (ConnectionError, http.client.HTTPException):
                 self.close()
                 if reused and attempt == 0:  # the server closed the idle connection: once more on a new one
                     continue
                 raise
-            except OSError:
+            except OSError:  # TimeoutError among them: the server may still be computing, never resend
                 self.close()
                 raise
             return response.status, response.getheader("Content-Type", ""), data
