@@ -183,7 +183,7 @@ class CueChannelWiseTensorProduct(nn.Module):
         expected, got = e3nn_tp.to(device)(x1, x2, weights), self.to(device)(x1, x2, weights)
         _require_close(got, expected, "cuEquivariance tensor product differs from e3nn's")
 
-    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
+    def component_major(self, x: torch.Tensor) -> torch.Tensor:
         """Node features as ``messages`` takes them (cuEquivariance takes e3nn's layout)."""
         return x
 

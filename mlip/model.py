@@ -13,11 +13,12 @@ Each interaction (MACE-style, Batatia et al. 2022) does three things:
 from __future__ import annotations
 
 import torch
-from e3nn import nn as e3nn_nn
 from e3nn import o3
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear, SpeciesLinear
+from .mlp import FullyConnectedNet
 from .product import SymmetricContraction
 from .radial import BesselBasis, PolynomialCutoff
 from .tensor_product import ChannelWiseTensorProduct
@@ -51,26 +52,21 @@ class Interaction(nn.Module):
         num_species = len(config.species)
         self.irreps_in, self.irreps_out = irreps_in, irreps_out
         irreps_a = channel_irreps(config.num_channels, config.sh_l_max, config.parity)
-        self.linear_up = o3.Linear(irreps_in, irreps_in)
+        self.linear_up = Linear(irreps_in, irreps_in)
         self.tensor_product = ChannelWiseTensorProduct(irreps_in, irreps_sh, [ir for _, ir in irreps_a])
         kernel_in = config.num_radial + 2 * config.species_embed_dim
         widths = [kernel_in] + [config.kernel_hidden] * config.kernel_layers + [self.tensor_product.weight_numel]
-        self.kernel = e3nn_nn.FullyConnectedNet(widths, torch.nn.functional.silu)
-        self.linear_message = o3.Linear(self.tensor_product.irreps_out.simplify(), irreps_a)
+        self.kernel = FullyConnectedNet(widths, torch.nn.functional.silu)
+        self.linear_message = Linear(self.tensor_product.irreps_out.simplify(), irreps_a)
         self.product = SymmetricContraction(irreps_a, irreps_out, config.correlation, num_species)
-        self.linear_out = o3.Linear(irreps_out, irreps_out)
-        self.self_connection = (
-            o3.FullyConnectedTensorProduct(irreps_in, o3.Irreps(f"{num_species}x0e"), irreps_out)
-            if self_connection
-            else None
-        )
+        self.linear_out = Linear(irreps_out, irreps_out)
+        self.self_connection = SpeciesLinear(irreps_in, irreps_out, num_species) if self_connection else None
         self.inv_avg_num_neighbors = 1.0 / config.avg_num_neighbors
 
     def forward(
         self,
         features: torch.Tensor,
         species: torch.Tensor,
-        species_onehot: torch.Tensor,
         edge_sh: torch.Tensor,
         edge_attr: torch.Tensor,
         edge_envelope: torch.Tensor,
@@ -79,14 +75,14 @@ class Interaction(nn.Module):
         receiver, sender = edge_index
         weights = self.kernel(edge_attr) * edge_envelope.unsqueeze(-1)
         tp = self.tensor_product
-        messages = tp.messages(tp.channel_major(self.linear_up(features))[sender], edge_sh, weights)
+        messages = tp.messages(tp.component_major(self.linear_up(features))[sender], edge_sh, weights)
         aggregated = torch.zeros(
             features.shape[0], messages.shape[1], dtype=messages.dtype, device=messages.device
         ).index_add(0, receiver, messages)
         atomic_basis = self.linear_message(tp.to_e3nn_layout(aggregated) * self.inv_avg_num_neighbors)
         out = self.linear_out(self.product(atomic_basis, species))
         if self.self_connection is not None:
-            out = out + self.self_connection(features, species_onehot)
+            out = out + self.self_connection(features, species)
         return out
 
 
@@ -127,8 +123,8 @@ class MLIPModel(nn.Module):
             Interaction(irreps[k], irreps[k + 1], irreps_sh, config, self_connection=k > 0)
             for k in range(config.num_layers)
         )
-        self.readouts = nn.ModuleList(o3.Linear(irreps[k + 1], "1x0e") for k in range(config.num_layers - 1))
-        self.final_readout = e3nn_nn.FullyConnectedNet(
+        self.readouts = nn.ModuleList(Linear(irreps[k + 1], "1x0e") for k in range(config.num_layers - 1))
+        self.final_readout = FullyConnectedNet(
             [config.num_channels, config.readout_hidden, 1], torch.nn.functional.silu
         )
         # E0s stay float64 whatever the model dtype, so totals of ~1e4 eV keep sub-meV precision in float32
@@ -149,11 +145,10 @@ class MLIPModel(nn.Module):
         edge_attr = torch.cat([self.radial_basis(lengths), embed[sender], embed[receiver]], dim=-1)
         edge_envelope = self.envelope(lengths)
         features = self.node_embedding(species)
-        species_onehot = nn.functional.one_hot(species, len(self.config.species)).to(features.dtype)
 
         outputs = []
         for k, interaction in enumerate(self.interactions):
-            features = interaction(features, species, species_onehot, edge_sh, edge_attr, edge_envelope, edge_index)
+            features = interaction(features, species, edge_sh, edge_attr, edge_envelope, edge_index)
             if k < len(self.readouts):
                 outputs.append(self.readouts[k](features))
         outputs.append(self.final_readout(features))

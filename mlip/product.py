@@ -9,8 +9,9 @@ symmetrised over the ν input slots and reduced to an orthonormal basis (Gram-Sc
 order, so the basis, and with it the meaning of trained weights, is the same on every machine), so
 no weight multiplies a redundant or vanishing coupling path. Because A ⊗ ... ⊗ A is symmetric, the
 contraction is evaluated on the distinct monomials A_i A_j A_k (i ≤ j ≤ k), each degree's from the previous
-one's times one component, with one matrix product per degree, instead of
-MACE's dense (2l+1)^ν einsums or cuequivariance's per-path fallback (7x slower on the CPU here).
+one's times one component, with one matrix product per degree (or, for few outputs, with the last
+factor contracted densely so the highest degree's monomials are never formed), instead of MACE's
+dense (2l+1)^ν einsums or cuequivariance's per-path fallback (7x slower on the CPU here).
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ class SymmetricContraction(Float64Constants):
 
     ``irreps_in`` must be ``mul`` copies of each of its irreps (e3nn ``mul_ir`` layout, e.g.
     "64x0e+64x1o+64x2e"); ``irreps_out`` likewise with the same ``mul``.
+
+    Two evaluation orders, the same function. With few outputs (scalars only, the last interaction)
+    the last factor of every monomial is contracted densely: out_q = Σ_c x_c (Σ_a T[q, c, a] z_a) with
+    z the monomials of degree < ν, so the ν-th degree's monomials are never formed. Otherwise, when
+    that would take more rows than there are monomials of degree ν, the monomials are formed and
+    projected (``contracts_last_factor`` says which).
     """
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, num_species: int):
@@ -124,25 +131,79 @@ class SymmetricContraction(Float64Constants):
         one_channel = str(o3.Irreps([(1, ir) for _, ir in self.irreps_in]))
         self.dims_in = [ir.dim for _, ir in self.irreps_in]
         self.dims_out = [ir.dim for _, ir in self.irreps_out]
-        self.num_basis: list[list[int]] = []  # [degree][output irrep] -> K
-        for degree in range(1, correlation + 1):
-            bases = [symmetric_basis(one_channel, str(ir), degree) for _, ir in self.irreps_out]
-            index, _ = _monomials(sum(self.dims_in), degree)
-            self.num_basis.append([b.shape[-1] for b in bases])
-            # (Σ_out M·K, P): one matrix product per degree serves every output irrep
-            stacked = torch.cat([b.reshape(b.shape[0], -1) for b in bases], dim=1).T.contiguous()
-            self.register_constant(f"basis_{degree}", stacked)
-            if degree > 1:  # monomial i1..iν = (monomial i1..iν-1 of the previous degree) * x_iν: one product per degree
-                previous = {tuple(t): k for k, t in enumerate(_monomials(sum(self.dims_in), degree - 1)[0].tolist())}
-                parents = torch.tensor([previous[tuple(t)] for t in index[:, :-1].tolist()], dtype=torch.int64)
-                self.register_buffer(f"parents_{degree}", parents, persistent=False)
-                self.register_buffer(f"lasts_{degree}", index[:, -1].contiguous(), persistent=False)
-            total = sum(self.num_basis[-1])
+        dim = sum(self.dims_in)
+        degrees = range(1, correlation + 1)
+        # bases[ν-1][o]: (monomials of degree ν, 2l_o+1, K) for output irrep o
+        bases = [[symmetric_basis(one_channel, str(ir), degree) for _, ir in self.irreps_out] for degree in degrees]
+        self.num_basis = [[b.shape[-1] for b in row] for row in bases]  # [degree][output irrep] -> K
+        if all(sum(k) == 0 for k in self.num_basis):
+            raise ValueError(f"no equivariant product maps {self.irreps_in} to {self.irreps_out}")
+        for degree in degrees:
+            total = sum(self.num_basis[degree - 1])
             self.register_parameter(
                 f"weights_{degree}", nn.Parameter(torch.randn(num_species, total, self.channels) / math.sqrt(max(total, 1)))
             )
-        if all(sum(k) == 0 for k in self.num_basis):
-            raise ValueError(f"no equivariant product maps {self.irreps_in} to {self.irreps_out}")
+        # the weights of all degrees, ordered (output irrep, degree, k): one gather per call
+        offsets = list(itertools.accumulate([sum(row) for row in self.num_basis], initial=0))
+        order = [offsets[d] + sum(self.num_basis[d][:o]) + k
+                 for o in range(len(self.dims_out)) for d in range(correlation) for k in range(self.num_basis[d][o])]
+        self.register_buffer("weight_order", torch.tensor(order, dtype=torch.int64), persistent=False)
+        self.basis_per_output = [sum(row[o] for row in self.num_basis) for o in range(len(self.dims_out))]
+
+        rows = sum(m * k for m, k in zip(self.dims_out, self.basis_per_output))
+        self.contracts_last_factor = rows * dim < len(_monomials(dim, correlation)[0])
+        highest_formed = correlation - 1 if self.contracts_last_factor else correlation
+        for degree in range(2, highest_formed + 1):
+            # monomial i1..iν = (monomial i1..iν-1 of the previous degree) * x_iν: one product per degree
+            index = _monomials(dim, degree)[0]
+            previous = {tuple(t): k for k, t in enumerate(_monomials(dim, degree - 1)[0].tolist())}
+            parents = torch.tensor([previous[tuple(t)] for t in index[:, :-1].tolist()], dtype=torch.int64)
+            self.register_buffer(f"parents_{degree}", parents, persistent=False)
+            self.register_buffer(f"lasts_{degree}", index[:, -1].contiguous(), persistent=False)
+        if self.contracts_last_factor:
+            self.register_constant("contraction", self._last_factor_contraction(bases, dim))
+        else:
+            for degree in degrees:  # (Σ_o M·K, P): one matrix product per degree serves every output irrep
+                stacked = torch.cat([b.reshape(b.shape[0], -1) for b in bases[degree - 1]], dim=1).T.contiguous()
+                self.register_constant(f"basis_{degree}", stacked)
+
+    def _last_factor_contraction(self, bases: list[list[torch.Tensor]], dim: int) -> torch.Tensor:
+        """T[(o, m, ν, k), c, a]: the basis with each monomial split into its last component c and the rest a.
+
+        Columns a run over the constant 1 and the monomials of degrees 1..ν-1, in that order.
+        """
+        rest = {(): 0}
+        for degree in range(1, self.correlation):
+            for t in _monomials(dim, degree)[0].tolist():
+                rest[tuple(t)] = len(rest)
+        blocks = []
+        for o, m_o in enumerate(self.dims_out):
+            for m in range(m_o):
+                for degree in range(1, self.correlation + 1):
+                    basis = bases[degree - 1][o]  # (P, M, K)
+                    block = torch.zeros(basis.shape[-1], dim, len(rest), dtype=torch.float64)
+                    for p, t in enumerate(_monomials(dim, degree)[0].tolist()):
+                        block[:, t[-1], rest[tuple(t[:-1])]] = basis[p, m]
+                    blocks.append(block)
+        return torch.cat(blocks).reshape(-1, len(rest))
+
+    def _contract_last_factor(self, x: torch.Tensor, monomials: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per output irrep, one (M, K over all degrees, N·u) block: Σ_c x_c (T_c · [1, monomials of degree < ν])."""
+        rest = torch.cat([x.new_ones(1, x.shape[1])] + monomials, dim=0)
+        projected = ((self.contraction.to(x.dtype) @ rest).reshape(-1, len(x), x.shape[1]) * x).sum(1)
+        sizes = [m * k for m, k in zip(self.dims_out, self.basis_per_output)]
+        return [[block.reshape(m, k, -1)] for block, m, k in zip(projected.split(sizes), self.dims_out, self.basis_per_output)]
+
+    def _project(self, monomials: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per output irrep, one (M, K, N·u) block per degree (none where K = 0): the basis times the monomials."""
+        terms: list[list[torch.Tensor]] = [[] for _ in self.dims_out]
+        for degree, monomial in enumerate(monomials, start=1):
+            projected = getattr(self, f"basis_{degree}").to(monomial.dtype) @ monomial  # (Σ_o M·K, N·u)
+            sizes = [m * k for m, k in zip(self.dims_out, self.num_basis[degree - 1])]
+            for o, (block, m, k) in enumerate(zip(projected.split(sizes), self.dims_out, self.num_basis[degree - 1])):
+                if k:
+                    terms[o].append(block.reshape(m, k, -1))
+        return terms
 
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in.dim) features and (N,) species indices -> (N, irreps_out.dim)."""
@@ -150,18 +211,20 @@ class SymmetricContraction(Float64Constants):
         # (D, N·u): each component of every channel as one contiguous row, irreps in order
         blocks = features.split([u * d for d in self.dims_in], dim=1)
         x = torch.cat([b.reshape(n, u, -1).permute(2, 0, 1) for b in blocks], dim=0).reshape(-1, n * u)
-        outputs = [features.new_zeros(m, n, u) for m in self.dims_out]
-        monomial = x
-        for degree in range(1, self.correlation + 1):
-            if degree > 1:
-                parents, lasts = getattr(self, f"parents_{degree}"), getattr(self, f"lasts_{degree}")
-                monomial = monomial.index_select(0, parents) * x.index_select(0, lasts)
-            projected = getattr(self, f"basis_{degree}").to(x.dtype) @ monomial  # (Σ M·K, N·u)
-            weights = getattr(self, f"weights_{degree}")[species].transpose(0, 1)  # (Σ K, N, u)
-            start_p, start_w = 0, 0
-            for o, (m, k) in enumerate(zip(self.dims_out, self.num_basis[degree - 1])):
-                if k:
-                    part = projected[start_p : start_p + m * k].reshape(m, k, n, u)
-                    outputs[o] = outputs[o] + (part * weights[start_w : start_w + k]).sum(1)
-                start_p, start_w = start_p + m * k, start_w + k
+        weights = torch.cat([getattr(self, f"weights_{d}") for d in range(1, self.correlation + 1)], dim=1)
+        # (Σ K, N, u), ordered (output irrep, degree, k)
+        weights = weights.index_select(1, self.weight_order).transpose(0, 1).index_select(1, species)
+        monomials = [x]
+        for degree in range(2, self.correlation if self.contracts_last_factor else self.correlation + 1):
+            parents, lasts = getattr(self, f"parents_{degree}"), getattr(self, f"lasts_{degree}")
+            monomials.append(monomials[-1].index_select(0, parents) * x.index_select(0, lasts))
+        terms = self._contract_last_factor(x, monomials) if self.contracts_last_factor else self._project(monomials)
+        outputs, start = [], 0
+        for m, blocks in zip(self.dims_out, terms):  # Σ over the basis (and degrees) with each atom's species weights
+            out = None
+            for block in blocks:  # (M, K, N·u)
+                k = block.shape[1]
+                term = (block.reshape(m, k, n, u) * weights[start : start + k]).sum(1)
+                out, start = term if out is None else out + term, start + k
+            outputs.append(features.new_zeros(m, n, u) if out is None else out)
         return torch.cat([out.permute(1, 2, 0).reshape(n, -1) for out in outputs], dim=1)

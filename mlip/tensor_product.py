@@ -2,15 +2,18 @@
 
 e3nn's ``TensorProduct`` runs every path as its own block of code, dozens of small tensor ops per
 call forward and backward, which dominate the latency of small molecules. Here every path's
-Clebsch-Gordan block (scaled by e3nn's path weight) is written into one dense tensor C[j, i, k]
+Clebsch-Gordan block (scaled by e3nn's path weight) is written into one dense tensor C[j, k, i]
 (j: harmonic component, i: component of one feature channel, k: output component of any path):
 
-    Z[e, i, k] = Σ_j Y[e, j] C[j, i, k]                    one matrix product
-    M[e, u, k] = Σ_i x[e, u, i] Z[e, i, k] · w[e, path(k), u]   one batched matrix product, one multiply
+    Z[e, k, i] = Σ_j Y[e, j] C[j, k, i]                    one matrix product
+    M[e, k, u] = Σ_i Z[e, k, i] x[e, i, u] · w[e, path(k), u]   one batched matrix product, one multiply
 
-M stays in this (u, k) layout while it is summed over edges; only the per-atom sums are gathered
-into e3nn's layout. The module subclasses e3nn's, so its instructions, weight layout, output layout
-and state dict are e3nn's and trained checkpoints load unchanged.
+Features are taken component-major (i, u), so the per-path weights, stored (path, u) by e3nn, are
+gathered onto their components without a transpose, and with scalar inputs (one component, the first
+interaction) the batched product is a broadcast multiply. M stays in this (k, u) layout while it is
+summed over edges; only the per-atom sums are gathered into e3nn's layout. The module subclasses
+e3nn's, so its instructions, weight layout, output layout and state dict are e3nn's and trained
+checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ class ChannelWiseTensorProduct(Float64Constants, o3.TensorProduct):
         out_slices = self.irreps_out.slices()
 
         self.num_k = sum(ir.dim for _, ir in self.irreps_out)  # output components of one channel
-        dense = torch.zeros(sum(dims2), sum(dims1), self.num_k, dtype=torch.float64)  # (j, i, k)
-        expand = torch.zeros(len(self.instructions), self.num_k, dtype=torch.float64)  # path weight p -> its components k
-        to_e3nn = torch.empty(self.irreps_out.dim, dtype=torch.int64)  # e3nn output slot <- flat (u, k)
+        dense = torch.zeros(sum(dims2), self.num_k, sum(dims1), dtype=torch.float64)  # (j, k, i)
+        path_of_k = torch.empty(self.num_k, dtype=torch.int64)  # the path (weight block) of each output component
+        to_e3nn = torch.empty(self.irreps_out.dim, dtype=torch.int64)  # e3nn output slot <- flat (k, u)
         k0 = 0
         for p, ins in enumerate(self.instructions):
             l1, l2 = self.irreps_in1[ins.i_in1].ir.l, self.irreps_in2[ins.i_in2].ir.l
@@ -63,41 +66,46 @@ class ChannelWiseTensorProduct(Float64Constants, o3.TensorProduct):
             dim_out = 2 * l_out + 1
             w3j = o3.wigner_3j(l1, l2, l_out, dtype=torch.float64) * ins.path_weight  # (i, j, m)
             i0, j0 = start1[ins.i_in1], start2[ins.i_in2]
-            dense[j0 : j0 + 2 * l2 + 1, i0 : i0 + 2 * l1 + 1, k0 : k0 + dim_out] = w3j.transpose(0, 1)
-            expand[p, k0 : k0 + dim_out] = 1.0
+            dense[j0 : j0 + 2 * l2 + 1, k0 : k0 + dim_out, i0 : i0 + 2 * l1 + 1] = w3j.permute(1, 2, 0)
+            path_of_k[k0 : k0 + dim_out] = p
             u, m = torch.arange(channels).repeat_interleave(dim_out), torch.arange(dim_out).repeat(channels)
-            to_e3nn[out_slices[ins.i_out]] = u * self.num_k + k0 + m  # e3nn's block of a path is (u, m), u-major
+            to_e3nn[out_slices[ins.i_out]] = (k0 + m) * channels + u  # e3nn's block of a path is (u, m), u-major
             k0 += dim_out
         self.register_constant("dense", dense.reshape(sum(dims2), -1))
-        self.register_constant("expand", expand)
+        self.register_buffer("path_of_k", path_of_k, persistent=False)
         self.register_buffer("to_e3nn", to_e3nn, persistent=False)
         self.feature_dims = dims1  # components of each input irrep in one channel
 
-    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, irreps_in1.dim) in e3nn's layout -> (N, u, i): the components of each channel together."""
-        blocks = x.split([self.channels * d for d in self.feature_dims], dim=1)
-        return torch.cat([b.reshape(len(x), self.channels, d) for b, d in zip(blocks, self.feature_dims)], dim=2)
+    def component_major(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, irreps_in1.dim) in e3nn's layout -> (N, i, u): each component of every channel together."""
+        n, u = len(x), self.channels
+        if len(self.feature_dims) == 1:
+            return x.reshape(n, u, self.feature_dims[0]).transpose(1, 2)
+        blocks = x.split([u * d for d in self.feature_dims], dim=1)
+        return torch.cat([b.reshape(n, u, d).transpose(1, 2) for b, d in zip(blocks, self.feature_dims)], dim=1)
 
     def messages(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(E, u, i) channel-major features, (E, irreps_in2.dim) harmonics, (E, weight_numel) weights -> (E, u·k).
+        """(E, i, u) component-major features, (E, irreps_in2.dim) harmonics, (E, weight_numel) weights -> (E, k·u).
 
         The result is in this module's own layout; sum it over edges first, then ``to_e3nn_layout``
         (a column gather, cheaper on atoms than on edges).
         """
-        edges = x.shape[0]
-        coupled = (y @ self.dense).reshape(edges, sum(self.feature_dims), self.num_k)  # (E, i, k)
-        path_weights = weight.reshape(edges, len(self.instructions), self.channels).transpose(1, 2) @ self.expand
-        return (torch.bmm(x, coupled) * path_weights).reshape(edges, self.channels * self.num_k)  # (E, u·k)
+        edges, components = x.shape[0], x.shape[1]
+        coupled = (y @ self.dense).reshape(edges, self.num_k, components)  # (E, k, i)
+        # one component per channel (scalar features): the batched product is an outer product
+        products = coupled * x if components == 1 else torch.bmm(coupled, x)  # (E, k, u)
+        path_weights = weight.reshape(edges, len(self.instructions), self.channels).index_select(1, self.path_of_k)
+        return (products * path_weights).reshape(edges, self.num_k * self.channels)
 
     def to_e3nn_layout(self, messages: torch.Tensor) -> torch.Tensor:
-        """(..., u·k) from ``messages`` -> (..., irreps_out.dim) in e3nn's layout."""
+        """(..., k·u) from ``messages`` -> (..., irreps_out.dim) in e3nn's layout."""
         return messages.index_select(-1, self.to_e3nn)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """e3nn's ``TensorProduct.forward``: (E, irreps_in1.dim), (E, irreps_in2.dim), (E, weight_numel) -> (E, irreps_out.dim)."""
         if weight is None or x.shape[-1] != self.irreps_in1.dim or y.shape[-1] != self.irreps_in2.dim:
             raise ValueError("channel-wise product needs (E, irreps_in1.dim), (E, irreps_in2.dim) and per-edge weights")
-        return self.to_e3nn_layout(self.messages(self.channel_major(x), y, weight))
+        return self.to_e3nn_layout(self.messages(self.component_major(x), y, weight))
 
 
 def use_e3nn_pathwise(model: torch.nn.Module) -> torch.nn.Module:
@@ -107,7 +115,7 @@ def use_e3nn_pathwise(model: torch.nn.Module) -> torch.nn.Module:
     """
     for module in model.modules():
         if isinstance(module, ChannelWiseTensorProduct):
-            module.channel_major = module.to_e3nn_layout = _unchanged
+            module.component_major = module.to_e3nn_layout = _unchanged
             module.messages = functools.partial(o3.TensorProduct.forward, module)
     return model
 

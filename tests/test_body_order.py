@@ -15,6 +15,7 @@ from .conftest import make_config
 
 IRREPS_A = o3.Irreps("3x0e+3x1o+3x2e")
 IRREPS_OUT = o3.Irreps("3x0e+3x1o")
+SCALARS_OUT = o3.Irreps("3x0e")  # few outputs: the last factor is contracted densely (the other evaluation order)
 
 
 def wigner_d(irreps: o3.Irreps, rot: torch.Tensor) -> torch.Tensor:
@@ -27,21 +28,61 @@ def wigner_d(irreps: o3.Irreps, rot: torch.Tensor) -> torch.Tensor:
         torch.set_default_dtype(previous)
 
 
-def contraction(correlation: int) -> SymmetricContraction:
+def contraction(correlation: int, irreps_out: o3.Irreps = IRREPS_OUT) -> SymmetricContraction:
     torch.manual_seed(correlation)
-    return SymmetricContraction(IRREPS_A, IRREPS_OUT, correlation, num_species=2).double()
+    return SymmetricContraction(IRREPS_A, irreps_out, correlation, num_species=2).double()
+
+
+def by_definition(block: SymmetricContraction, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    """Σ_ν Σ_k W_ν[s, k, u] Σ_P B_ν[P, m, k] Π_{i in P} x_ui, written out over the monomials of every degree."""
+    from mlip.product import _monomials, symmetric_basis
+
+    n, u = x.shape[0], block.channels
+    blocks = x.split([u * d for d in block.dims_in], dim=1)
+    components = torch.cat([b.reshape(n, u, d) for b, d in zip(blocks, block.dims_in)], dim=2)  # (N, u, D)
+    one_channel = str(o3.Irreps([(1, ir) for _, ir in block.irreps_in]))
+    outputs = []
+    for o, (_, ir) in enumerate(block.irreps_out):
+        total = torch.zeros(n, u, ir.dim, dtype=x.dtype)
+        for degree in range(1, block.correlation + 1):
+            basis = symmetric_basis(one_channel, str(ir), degree)  # (P, M, K)
+            monomials = components[:, :, _monomials(components.shape[2], degree)[0]].prod(-1)  # (N, u, P)
+            start = sum(block.num_basis[degree - 1][:o])
+            weights = getattr(block, f"weights_{degree}")[species][:, start : start + basis.shape[-1]]  # (N, K, u)
+            total = total + torch.einsum("nup,pmk,nku->num", monomials, basis.to(x.dtype), weights)
+        outputs.append(total.reshape(n, -1))
+    return torch.cat(outputs, dim=1)
+
+
+# (irreps_out, correlation, contracts_last_factor): both evaluation orders at every correlation
+ORDERS = [(IRREPS_OUT, 1, False), (IRREPS_OUT, 2, False), (IRREPS_OUT, 3, False),
+          (SCALARS_OUT, 1, False), (SCALARS_OUT, 2, True), (SCALARS_OUT, 3, True)]
+
+
+@pytest.mark.parametrize("irreps_out, correlation, contracts_last_factor", ORDERS,
+                         ids=[f"{o}-nu{c}" for o, c, _ in ORDERS])
+def test_product_block_equals_its_definition(irreps_out, correlation, contracts_last_factor):
+    """Either evaluation order (monomials projected, or the last factor contracted densely) is the defined polynomial."""
+    block = contraction(correlation, irreps_out)
+    assert block.contracts_last_factor == contracts_last_factor
+    x = torch.randn(6, IRREPS_A.dim, dtype=torch.float64)
+    species = torch.tensor([0, 1, 1, 0, 1, 0])
+    expected = by_definition(block, x, species)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(block(x, species), expected, atol=1e-12 * expected.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "rotoreflection"])
-def test_product_block_is_equivariant(reflect):
-    block = contraction(3)
+@pytest.mark.parametrize("irreps_out", [IRREPS_OUT, SCALARS_OUT], ids=["projected", "last-factor-contracted"])
+def test_product_block_is_equivariant(reflect, irreps_out):
+    block = contraction(3, irreps_out)
     x = torch.randn(7, IRREPS_A.dim, dtype=torch.float64)
     species = torch.tensor([0, 1, 1, 0, 1, 0, 0])
     for seed in range(3):
         torch.manual_seed(seed)
         rot = o3.rand_matrix(dtype=torch.float64) * (-1 if reflect else 1)
         rotated = block(x @ wigner_d(IRREPS_A, rot).T, species)
-        expected = block(x, species) @ wigner_d(IRREPS_OUT, rot).T
+        expected = block(x, species) @ wigner_d(irreps_out, rot).T
         torch.testing.assert_close(rotated, expected, atol=1e-11, rtol=0)
     assert block(x, species).abs().max() > 1e-2
 
@@ -53,9 +94,10 @@ def test_product_block_weights_depend_on_species():
 
 
 @pytest.mark.parametrize("correlation", [1, 2, 3])
-def test_product_block_is_a_polynomial_of_degree_correlation(correlation):
+@pytest.mark.parametrize("irreps_out", [IRREPS_OUT, SCALARS_OUT], ids=["projected", "last-factor-contracted"])
+def test_product_block_is_a_polynomial_of_degree_correlation(correlation, irreps_out):
     """f(t·A) = Σ_k c_k t^k: the degree-ν coefficient is non-zero and nothing above it (nor a constant)."""
-    block = contraction(correlation)
+    block = contraction(correlation, irreps_out)
     x = torch.randn(4, IRREPS_A.dim, dtype=torch.float64)
     species = torch.tensor([0, 1, 0, 1])
     ts = np.linspace(-2.0, 2.0, 11)
