@@ -137,7 +137,10 @@ class Checkpoint:
             raise ValueError(
                 f"{self.path}: tensor '{bad}' has shape {found.get(bad, 'missing')}, the config builds {expected.get(bad, 'nothing')}"
             )
-        model.load_state_dict(self.tensors, strict=True)
+        # Buffers are constants the code derives from the config (e3nn's Clebsch-Gordan tables and output masks). A
+        # float32-trained checkpoint holds them rounded to float32: they come from this float64 build, not the file.
+        constants = {name: buffer for name, buffer in model.named_buffers() if name in expected}
+        model.load_state_dict({**self.tensors, **constants}, strict=True)
         return model.to(device=device, dtype=dtype).eval()
 
     def card_path(self) -> Path:

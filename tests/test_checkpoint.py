@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
-from mlip import Checkpoint, Potential, Structure, save_checkpoint
+from mlip import Checkpoint, MLIPModel, Potential, Structure, save_checkpoint
 from mlip.cli import main as cli_main
 
 from .conftest import assert_reproduced
@@ -30,6 +32,22 @@ def test_round_trip_is_exact(checkpoint_path, potential, molecule_atoms, crystal
     assert ckpt.config == potential.config
     assert ckpt.metadata == {"trained_on": "nothing (random init)"}
     assert loaded.sha256 == ckpt.sha256 and len(ckpt.sha256) == 64
+
+
+def test_float32_checkpoint_keeps_exact_constants_in_float64(tmp_path, model):
+    """Parameters come from the file, constants from the code: a float32-saved checkpoint holds e3nn's
+    Clebsch-Gordan tables rounded to float32 (|C|^2 - 1 ~ 1e-8), which a float64 evaluation must not use."""
+    path = tmp_path / "float32.safetensors"
+    save_checkpoint(path, copy.deepcopy(model).float())
+    loaded, fresh = Checkpoint(path).build_model(), MLIPModel(model.config)
+    constants = dict(fresh.named_buffers())
+    saved = [name for name in Checkpoint(path).tensors if name in constants]
+    assert any("_w3j" in name for name in saved)  # the tables are in the file (e3nn registers them persistent)
+    for name, buffer in loaded.named_buffers():
+        if name in saved:
+            assert torch.equal(buffer, constants[name]), name
+    for name, parameter in loaded.named_parameters():
+        assert torch.equal(parameter, dict(model.named_parameters())[name].float().double()), name
 
 
 def _header_length(path) -> int:
