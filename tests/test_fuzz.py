@@ -117,3 +117,24 @@ def test_geometry_fuzz_is_value_error_or_graph(n, data, cell, pbc):
     except ValueError:
         pass
     assert time.perf_counter() - start < 5.0
+
+
+def test_atoms_many_cells_apart_are_searched_quickly_and_give_the_same_edges():
+    """vesin's search time grows with the number of cells between atoms (36 s for two atoms 1000 Å apart along a
+    1.7 Å periodic vector, a case the geometry fuzz found): positions are wrapped first and the shifts corrected."""
+    cell = np.array([[12.0, 0.0, 0.0], [0.0, 13.0, 0.0], [1.04, 1.02, 0.87]])
+    pbc = [False, False, True]
+    near = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 0.1], [1.5, 0.4, 0.0]])
+    far = near + np.array([[0], [700], [-1500]]) * cell[2]  # the same atoms, whole periodic vectors apart
+
+    def edge_vectors(positions: np.ndarray) -> np.ndarray:
+        graph = build_graph(Structure.from_arrays([1, 1, 1], positions, cell, pbc), SpeciesIndex([1]), 4.0)
+        receiver, sender = graph.edge_index.numpy()
+        vectors = positions[sender] - positions[receiver] + graph.edge_shift.numpy() @ cell
+        return np.array(sorted(zip(receiver, sender, *np.round(vectors, 9).T)))
+
+    start = time.perf_counter()
+    expected, got = edge_vectors(near), edge_vectors(far)
+    assert time.perf_counter() - start < 2.0
+    assert len(expected) > 10
+    np.testing.assert_allclose(got, expected, atol=1e-8)
