@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from e3nn import o3
 
@@ -27,18 +29,11 @@ class Linear(o3.Linear):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in.dim) -> (N, irreps_out.dim), e3nn's layout on both sides."""
-        n = features.shape[0]
-        outputs: list[torch.Tensor | None] = [None] * len(self.irreps_out)
+        outputs = []
         for start, mul_in, dim, i_out, offset, mul_out, path_weight in self.paths:
             weight = self.weight[offset : offset + mul_in * mul_out].view(mul_in, mul_out) * path_weight
-            block = features.narrow(1, start, mul_in * dim)
-            if dim == 1:
-                out = block @ weight
-            else:  # Wᵀ (w, u) @ (N, u, m) -> (N, w, m): e3nn's layout, no copies (transposing the block instead was 3-5x slower)
-                out = (weight.T @ block.reshape(n, mul_in, dim)).reshape(n, mul_out * dim)
-            outputs[i_out] = out if outputs[i_out] is None else outputs[i_out] + out
-        blocks = [features.new_zeros(n, mul_ir.dim) if out is None else out for out, mul_ir in zip(outputs, self.irreps_out)]
-        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+            outputs.append((i_out, _map_block(features, start, mul_in, dim, weight)))
+        return _by_output(outputs, self.irreps_out, features)
 
 
 class SpeciesLinear(o3.FullyConnectedTensorProduct):
@@ -64,12 +59,31 @@ class SpeciesLinear(o3.FullyConnectedTensorProduct):
     def forward(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in.dim) features, (N,) species indices -> (N, irreps_out.dim)."""
         n, s = features.shape[0], self.num_species
-        outputs: list[torch.Tensor | None] = [None] * len(self.irreps_out)
+        outputs = []
         for start, mul_in, dim, i_out, offset, mul_out, scale in self.paths:
             weight = self.weight[offset : offset + mul_in * s * mul_out].view(mul_in, s * mul_out) * scale
-            block = features.narrow(1, start, mul_in * dim).reshape(n, mul_in, dim)
-            every_species = (weight.T @ block).view(n, s, mul_out * dim)  # (N, S, w·m)
-            out = every_species.gather(1, species.view(n, 1, 1).expand(n, 1, mul_out * dim)).view(n, mul_out * dim)
-            outputs[i_out] = out if outputs[i_out] is None else outputs[i_out] + out
-        blocks = [features.new_zeros(n, mul_ir.dim) if out is None else out for out, mul_ir in zip(outputs, self.irreps_out)]
-        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+            every_species = _map_block(features, start, mul_in, dim, weight).view(n, s, mul_out * dim)  # (N, S, w·m)
+            own = every_species.gather(1, species.view(n, 1, 1).expand(n, 1, mul_out * dim)).view(n, mul_out * dim)
+            outputs.append((i_out, own))
+        return _by_output(outputs, self.irreps_out, features)
+
+
+def _map_block(features: torch.Tensor, start: int, mul_in: int, dim: int, weight: torch.Tensor) -> torch.Tensor:
+    """The (u, m) block of ``features`` at ``start`` times ``weight`` (u, w): (N, w·m), e3nn's layout.
+
+    A scalar block is one matrix product; otherwise Wᵀ (w, u) @ (N, u, m) -> (N, w, m) without copies
+    (transposing the block instead was 3-5x slower).
+    """
+    block = features.narrow(1, start, mul_in * dim)
+    if dim == 1:
+        return block @ weight
+    return (weight.T @ block.reshape(len(features), mul_in, dim)).reshape(len(features), -1)
+
+
+def _by_output(outputs: Iterable[tuple[int, torch.Tensor]], irreps_out: o3.Irreps, features: torch.Tensor) -> torch.Tensor:
+    """Paths' (output index, (N, dim)) results summed per output irrep (zeros where none reaches it), concatenated."""
+    sums: list[torch.Tensor | None] = [None] * len(irreps_out)
+    for i_out, out in outputs:
+        sums[i_out] = out if sums[i_out] is None else sums[i_out] + out
+    blocks = [features.new_zeros(len(features), mul_ir.dim) if out is None else out for out, mul_ir in zip(sums, irreps_out)]
+    return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
