@@ -138,3 +138,27 @@ def test_atoms_many_cells_apart_are_searched_quickly_and_give_the_same_edges():
     assert time.perf_counter() - start < 2.0
     assert len(expected) > 10
     np.testing.assert_allclose(got, expected, atol=1e-8)
+
+
+def test_small_structures_are_searched_directly_with_vesins_edges(monkeypatch):
+    """Few atoms are searched by all pairs over all images (vesin took over a minute for 4 atoms ~1000 Å apart across
+    the non-periodic directions of a 1-D periodic cell); the edges equal vesin's for any cell and periodicity."""
+    import mlip.neighbors as neighbors
+
+    slow = ([[71.01, -471.57, 381.46], [508.63, -478.45, -300.58], [-391.58, 418.99, 492.33], [-546.87, -201.10, -369.01]],
+            [[-12.074, 3.309, -0.363], [-13.363, 4.767, 12.678], [-14.596, 1.798, 9.347]], [True, False, False])
+    start = time.perf_counter()
+    graph = build_graph(Structure.from_arrays([1] * 4, *slow), SpeciesIndex([1]), 4.0)
+    assert time.perf_counter() - start < 2.0 and graph.edge_index.shape[1] == 0
+
+    rng, edges = np.random.default_rng(0), 0
+    for _ in range(100):  # cells down to 1 Å (many images of one pair), every periodicity
+        n, pbc = int(rng.integers(1, 20)), rng.random(3) < 0.6
+        cell, positions = np.diag(rng.uniform(1.0, 12.0, 3)) + rng.normal(0, 1.0, (3, 3)), rng.uniform(-5, 15, (n, 3))
+        direct = neighbors.neighbor_list(positions, cell, pbc, 4.0)
+        with monkeypatch.context() as patch:
+            patch.setattr(neighbors, "MAX_DIRECT_DISTANCES", -1)  # vesin for everything
+            vesin = neighbors.neighbor_list(positions, cell, pbc, 4.0)
+        assert sorted(zip(*direct[:2], map(tuple, direct[2]))) == sorted(zip(*vesin[:2], map(tuple, vesin[2])))
+        edges += len(direct[0])
+    assert edges > 1000
