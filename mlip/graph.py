@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 
+from .cell import MIN_VOLUME, cell_has_stress, periodic_frame
 from .neighbors import neighbor_list
 
 MIN_DISTANCE = 0.1  # Å; closer atoms overlap: no chemistry happens there (invalid input)
-MIN_VOLUME = 1e-6  # Å³; smaller periodic cells are degenerate
 MAX_EXTENT = 1000.0  # Å; longest periodic cell vector, widest span of positions along a non-periodic axis
 MIN_CELL_HEIGHT = 0.5  # Å; thinner periodic cells put atoms on top of their own images (and stall the search)
 MAX_COORDINATE = 1e5  # Å; largest |position| component (periodic structures are wrapped, but not from anywhere)
@@ -113,43 +113,9 @@ def _check_spans(positions: np.ndarray, pbc: np.ndarray, frame: np.ndarray) -> N
             )
 
 
-def cell_has_stress(cell, pbc) -> bool:
-    """``stress_defined`` for one cell (3, 3) Å and pbc (3,), without validating a whole structure."""
-    cell, pbc = torch.as_tensor(np.asarray(cell, dtype=np.float64)), torch.as_tensor(np.asarray(pbc, dtype=bool))
-    return bool(stress_defined(cell[None], pbc[None]))
-
-
 def stress_defined(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: a periodic direction and a cell of non-zero volume (ASE's rule, ``cell.rank == 3``).
-
-    A 2-D material or a slab given with a zero cell vector along its non-periodic direction has
-    energies and forces but no volume to divide the virial by, so no stress (like ASE's own calculators).
-    """
+    """(B,) bool: ``cell_has_stress`` (a periodic direction and a non-zero volume) for a batch of cells."""
     return pbc.any(dim=1) & (torch.linalg.det(cell).abs() >= MIN_VOLUME)
-
-
-def periodic_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """The cell with each non-periodic row replaced by a unit vector orthogonal to the periodic ones (Å).
-
-    Its determinant is the volume (3-D), area (2-D) or length (1-D) of the periodic lattice, whatever
-    the non-periodic cell vectors are (zero for ``ase.build.graphene()``, vacuum for a slab); its
-    non-periodic rows are the directions along which a structure has a finite extent.
-    Raises ``ValueError`` when the periodic vectors are degenerate.
-    """
-    frame = np.eye(3)
-    if not pbc.any():
-        return frame
-    periodic = cell[pbc]
-    _, singular, vt = np.linalg.svd(periodic)
-    measure = float(np.prod(singular))
-    if measure < MIN_VOLUME:
-        raise ValueError(
-            f"periodic cell vectors are degenerate ({measure:.3g} Å^{len(periodic)}): they span no "
-            f"{len(periodic)}-dimensional lattice"
-        )
-    frame[pbc] = periodic
-    frame[~pbc] = vt[len(periodic):]
-    return frame
 
 
 @dataclass

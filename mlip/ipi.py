@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ase.calculators.socketio import SocketClient
     from ase.io import read
 
-    from .graph import cell_has_stress
+    from .cell import cell_has_stress
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, port = parse_address(args.address) if args.address else ("localhost", None)

@@ -21,8 +21,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from . import wire
-from .calculator import StructureInputs, ase_results, wanted_properties
-from .graph import cell_has_stress
+from .ase_properties import StructureInputs, ase_results, wanted_properties
+from .cell import cell_has_stress
 from .http_connection import HTTPConnection
 from .websocket import WebSocket
 

@@ -102,3 +102,29 @@ def test_edge_estimate_of_a_sheet_is_sane():
 def test_degenerate_low_dimensional_cells_are_refused(cell, pbc, message):
     with pytest.raises(ValueError, match=message):
         Structure.from_arrays([6], [[0, 0, 0]], cell, pbc)
+
+
+def test_stress_rule_is_the_same_for_one_cell_and_a_batch():
+    """``cell_has_stress`` (numpy, one cell: the clients) and ``stress_defined`` (torch, a batch: the model) agree,
+    on random cells that are full, flat (a zero or dependent vector) or tiny, with every periodicity."""
+    import torch
+
+    from mlip.cell import MIN_VOLUME, cell_has_stress
+    from mlip.graph import stress_defined
+
+    rng = np.random.default_rng(0)
+    cells, pbcs = [], []
+    for _ in range(300):
+        cell = rng.normal(size=(3, 3)) * rng.choice([1e-3, 0.011, 1.0, 10.0])
+        kind = rng.integers(3)
+        if kind == 1:
+            cell[rng.integers(3)] = 0.0
+        elif kind == 2:
+            cell[2] = cell[0] - 2 * cell[1]
+        cells.append(cell)
+        pbcs.append(rng.random(3) < 0.5)
+    batch = stress_defined(torch.tensor(np.array(cells)), torch.tensor(np.array(pbcs))).tolist()
+    single = [cell_has_stress(c, p) for c, p in zip(cells, pbcs)]
+    assert single == batch
+    volumes = np.abs(np.linalg.det(np.array(cells)))
+    assert any(single) and not all(single) and ((volumes > 0) & (volumes < MIN_VOLUME)).any()  # every case occurs

@@ -26,6 +26,18 @@ def test_cli_help_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_remote_client_does_not_import_torch():
+    """A client machine needs no torch: RemoteCalculator (and the cell rule it applies) import numpy, ASE and msgpack."""
+    code = (
+        "import sys\n"
+        "from mlip import RemoteCalculator\n"
+        "from mlip.cell import cell_has_stress\n"
+        "print(sorted(m for m in ('torch', 'e3nn', 'fastapi', 'vesin') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_public_names_resolve():
     import mlip
 
