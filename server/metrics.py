@@ -46,21 +46,36 @@ class Metrics:
             registry=self.registry,
         )
 
+        # labelled children looked up once per label set (``labels()`` takes a lock and builds a key every call)
+        self._by_answer: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._by_model: dict[str, tuple[Any, Any, Any, Any]] = {}
+
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one answer (endpoint label limited to known routes)."""
         endpoint = endpoint if endpoint in ENDPOINTS else "other"
-        self.requests.labels(endpoint, str(status)).inc()
-        if status >= 400:
-            self.errors.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        children = self._by_answer.get((endpoint, status))
+        if children is None:
+            errors = self.errors.labels(endpoint, str(status)) if status >= 400 else None
+            children = self._by_answer[endpoint, status] = (self.requests.labels(endpoint, str(status)), errors, self.latency.labels(endpoint))
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
 
     def observe_batch(self, model: str, structures: int, atoms: int, waits: list[float], seconds: float) -> None:
         """Record one batch: its size, each member's queue wait and the forward-pass time."""
-        self.batch_structures.labels(model).observe(structures)
-        self.batch_atoms.labels(model).observe(atoms)
+        children = self._by_model.get(model)
+        if children is None:
+            children = self._by_model[model] = tuple(
+                metric.labels(model) for metric in (self.batch_structures, self.batch_atoms, self.queue_wait, self.compute)
+            )
+        batch_structures, batch_atoms, queue_wait, compute = children
+        batch_structures.observe(structures)
+        batch_atoms.observe(atoms)
         for wait in waits:
-            self.queue_wait.labels(model).observe(wait)
-        self.compute.labels(model).observe(seconds)
+            queue_wait.observe(wait)
+        compute.observe(seconds)
 
     def render(self) -> bytes:
         """Prometheus text exposition of this app's registry."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ class ServedModel:
     summary: str | None
     neighbors: NeighborCache  # HTTP requests' neighbour searches, reused by clients that step through MD
 
-    @property
+    @cached_property
     def ref(self) -> dict[str, str]:
+        """{"name", "sha256"}: which model answered (in every reply; built once)."""
         return ModelRef(name=self.potential.name, sha256=self.potential.sha256).model_dump()
 
     def info(self, default: bool) -> ModelInfo:

@@ -75,8 +75,8 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        self.atoms = int(self.graph.num_atoms.sum())
-        self.edges = int(self.graph.edge_index.shape[1])
+        self.atoms = self.graph.positions.shape[0]
+        self.edges = self.graph.edge_index.shape[1]
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, Outcome]]) -> None:
