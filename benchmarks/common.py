@@ -364,13 +364,15 @@ class Server:
     """`mlip serve` on a free 127.0.0.1 port (tests/launcher.py) with the benchmark's device, dtype and threads."""
 
     def __init__(
-        self, checkpoint: Path, threads: int, dtype: str, extra_args: Sequence[str] = (), device: str = "cpu"
+        self, checkpoint: Path, threads: int, dtype: str, extra_args: Sequence[str] = (), device: str = "cpu",
+        program: list[str] | None = None,
     ):
+        """``program``: another server with `mlip serve`'s options used here (``minimal_server.py``)."""
         sys.path.insert(0, str(REPO_ROOT))
         from tests.launcher import ServerProcess
 
         args = ["--checkpoint", str(checkpoint), "--device", device, "--dtype", dtype, "--log-level", "warning"]
-        self.process = ServerProcess([*args, *extra_args], env=thread_env(threads))
+        self.process = ServerProcess([*args, *extra_args], env=thread_env(threads), program=program)
         self.url = self.process.url
 
     def __enter__(self) -> "Server":

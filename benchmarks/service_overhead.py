@@ -1,6 +1,9 @@
 """Service overhead: aspirin MD steps in-process vs through a local `mlip serve` (WebSocket, HTTP msgpack, HTTP JSON).
 
-One server subprocess (same thread count and dtype as the in-process calculator). Each round runs
+One `mlip serve` subprocess (same thread count and dtype as the in-process calculator), and beside it
+``minimal_server.py``: uvicorn, one model thread and msgpack frames with none of the service around them,
+so that "above minimal" separates what our layers cost from what any such server pays on this machine
+(loopback transport, thread hand-offs, waking idle cores). Each round runs
 ``--steps`` velocity Verlet steps from the same start with every transport in turn (order rotated
 per round); overhead is a transport's median ms/step minus the in-process one, paired round by round.
 The forward pass itself varies by milliseconds between rounds on a shared CPU, so the headline figure
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +43,7 @@ from common import (
 TRANSPORTS = {
     "in-process": "mlip.MLIPCalculator in the benchmark process",
     "ws": "RemoteCalculator(transport='ws'): one WebSocket session, msgpack frames, positions only per step",
+    "ws-minimal": "RemoteCalculator(transport='ws') against benchmarks/minimal_server.py: the floor for a WebSocket server with a model thread",
     "http-msgpack": "RemoteCalculator(transport='http'): POST /v1/calculate, msgpack body, persistent connection",
     "http-json": "plain httpx loop: POST /v1/calculate with a JSON body (nested lists), persistent connection",
 }
@@ -56,7 +61,7 @@ class JsonHTTPCalculator(Calculator):
         self.client = httpx.Client(base_url=url, timeout=60.0)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
-        from mlip.calculator import ase_results, wanted_properties
+        from mlip.ase_properties import ase_results, wanted_properties
 
         super().calculate(atoms, properties, system_changes)
         structure = {
@@ -93,7 +98,7 @@ class ForwardTimer:
 
 
 def calculator_factories(
-    checkpoint: Path, url: str, dtype: str, device: str
+    checkpoint: Path, url: str, minimal_url: str, dtype: str, device: str
 ) -> tuple[dict[str, Callable[[], Calculator]], ForwardTimer]:
     """A fresh calculator per transport (the in-process model is loaded once and shared), and the timer of
     the in-process forward passes."""
@@ -105,6 +110,7 @@ def calculator_factories(
     return {
         "in-process": lambda: MLIPCalculator(potential),
         "ws": lambda: RemoteCalculator(url, transport="ws"),
+        "ws-minimal": lambda: RemoteCalculator(minimal_url, transport="ws"),
         "http-msgpack": lambda: RemoteCalculator(url, transport="http"),
         "http-json": lambda: JsonHTTPCalculator(url),
     }, timer
@@ -114,7 +120,8 @@ SERVER_METRICS = {"server_ms": "mlip_request_seconds", "compute_ms": "mlip_compu
 
 
 def run_rounds(
-    factories: dict[str, Callable[[], Calculator]], timer: ForwardTimer, atoms, args: argparse.Namespace, server: Server
+    factories: dict[str, Callable[[], Calculator]], timer: ForwardTimer, atoms, args: argparse.Namespace,
+    servers: dict[str, Server],
 ) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
     """ABAB rounds: every transport runs ``--steps`` MD steps per round. Returns step times (ms) per round,
     and per transport and round the mean ms per request and per forward pass (the server's /metrics; for
@@ -130,7 +137,7 @@ def run_rounds(
             dyn = start_md(atoms, calc, args.timestep_fs, seed=args.seed)
             md_step_times_ms(dyn, args.warmup_steps)
             sources = {"compute_ms": timer.sums} if name == "in-process" else {
-                key: functools.partial(server.metric_sums, metric) for key, metric in SERVER_METRICS.items()
+                key: functools.partial(servers[name].metric_sums, metric) for key, metric in SERVER_METRICS.items()
             }
             before = {key: sums() for key, sums in sources.items()}
             times[name].append(md_step_times_ms(dyn, args.steps))
@@ -152,12 +159,14 @@ def summarize(times: dict[str, list], inside: dict[str, dict[str, list]]) -> lis
 
     base = [np.median(t) for t in times.get("in-process", [])]
     base_outside = outside_forward("in-process") if "in-process" in times else []
+    minimal_outside = outside_forward("ws-minimal") if "ws-minimal" in times else []
     rows = []
     for name, rounds in times.items():
         stats = summarize_ms([t for r in rounds for t in r])
         medians = [float(np.median(t)) for t in rounds]
         overheads = [m - b for m, b in zip(medians, base)] if base else []
         paired = [o - b for o, b in zip(outside_forward(name), base_outside)] if base_outside else []
+        above_minimal = [o - m for o, m in zip(outside_forward(name), minimal_outside)]
         server = {key: float(np.mean(v)) if v else None for key, v in inside[name].items()}
         outside_model = server["server_ms"] - server["compute_ms"] if server["server_ms"] is not None else None
         rows.append({"transport": name, **stats, "round_median_ms": medians,
@@ -166,6 +175,8 @@ def summarize(times: dict[str, list], inside: dict[str, dict[str, list]]) -> lis
                      "outside_forward_ms": float(np.mean(outside_forward(name))),
                      "overhead_outside_forward_ms": float(np.median(paired)) if paired else None,
                      "overhead_outside_forward_rounds_ms": paired,
+                     "above_minimal_ms": float(np.median(above_minimal)) if above_minimal else None,
+                     "above_minimal_rounds_ms": above_minimal,
                      **server, "server_outside_model_ms": outside_model})  # fmt: skip
     return rows
 
@@ -188,19 +199,25 @@ def main() -> None:
     set_threads(args.threads)
     info = machine_info(args.threads)
     (atoms,) = aspirin_frames(args.data, 1)
-    with Server(checkpoint, args.threads, args.dtype, device=args.device) as server:
-        factories, timer = calculator_factories(checkpoint, server.url, args.dtype, args.device)
-        times, inside = run_rounds(factories, timer, atoms, args, server)
+    minimal = [sys.executable, str(Path(__file__).with_name("minimal_server.py"))]
+    with (
+        Server(checkpoint, args.threads, args.dtype, device=args.device) as server,
+        Server(checkpoint, args.threads, args.dtype, device=args.device, program=minimal) as minimal_server,
+    ):
+        factories, timer = calculator_factories(checkpoint, server.url, minimal_server.url, args.dtype, args.device)
+        servers = {name: minimal_server if name == "ws-minimal" else server for name in TRANSPORTS}
+        times, inside = run_rounds(factories, timer, atoms, args, servers)
     rows = summarize(times, inside)
     settings = settings_of(args)
     write_json(args.out, {"benchmark": "service_overhead", "machine": info, "settings": settings,
                           "transports": TRANSPORTS, "results": rows})  # fmt: skip
     headers = ["transport", "ms/step (median)", "mean", "p10–p90 ms", "steps/s", "overhead ms/step (median of rounds)",
                "ms/step outside the forward pass", "overhead outside the forward pass (median of rounds)",
-               "server ms/request (mean)", "server ms outside the forward pass"]  # fmt: skip
+               "above ws-minimal outside the forward pass", "server ms/request (mean)", "server ms outside the forward pass"]  # fmt: skip
     print(markdown_table(headers, [[r["transport"], r["median_ms"], r["mean_ms"], f"{r['p10_ms']:.3g}–{r['p90_ms']:.3g}",
                                     r["steps_per_s"], r["overhead_ms"], r["outside_forward_ms"],
-                                    r["overhead_outside_forward_ms"], r["server_ms"], r["server_outside_model_ms"]]
+                                    r["overhead_outside_forward_ms"], r["above_minimal_ms"], r["server_ms"],
+                                    r["server_outside_model_ms"]]
                                    for r in rows]))  # fmt: skip
 
 

@@ -24,12 +24,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`mlip serve ARGS` on 127.0.0.1:port; ``start`` returns once /health/ready answers 200, ``stop`` reaps it."""
+    """`mlip serve ARGS` on 127.0.0.1:port; ``start`` returns once /health/ready answers 200, ``stop`` reaps it.
+    ``program``: another server taking the same ``--host`` and ``--port`` (a benchmark's reference server)."""
 
     def __init__(
-        self, args: list[str], log_path: Path | None = None, port: int | None = None, env: dict[str, str] | None = None
+        self, args: list[str], log_path: Path | None = None, port: int | None = None, env: dict[str, str] | None = None,
+        program: list[str] | None = None,
     ):
         self.args, self.port = args, port or free_port()
+        self.program = program or [sys.executable, "-m", "mlip.cli", "serve"]
         self.own_log = log_path is None  # a temporary log of ours is removed by stop(); its text goes into errors
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="mlip-serve-", suffix=".log")[1])
         self.env = {**os.environ, **(env or {})}
@@ -41,7 +44,7 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 120.0) -> "ServerProcess":
         """Launch (again, on the same port) and wait until the models are loaded and warmed up."""
-        command = [sys.executable, "-m", "mlip.cli", "serve", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*self.program, *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout_s
