@@ -35,15 +35,16 @@ setup() {
 }
 
 gpu_tests() {
-    step "GPU-only tests: cuEquivariance CUDA kernels = e3nn (float64), a real CUDA out-of-memory in the server"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py \
+    step "GPU-only tests: cuEquivariance CUDA kernels = e3nn (float64), replayed CUDA graphs = eager, a real CUDA out-of-memory in the server"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_cuda_graphs.py \
         "tests/test_server.py::test_real_cuda_out_of_memory_splits_batch_and_keeps_serving" 2>&1 | tee "$OUT/pytest_gpu_only.log"
 }
 
 speed() {
-    step "ms per energy+forces (prebuilt graph): e3nn vs cuEquivariance, aspirin, Cu 1008, Cu 10976, both dtypes"
+    step "ms per energy+forces (prebuilt graph): e3nn vs cuEquivariance vs replayed CUDA graphs, aspirin, Cu 1008, Cu 10976, both dtypes"
     timeout 240 python3 benchmarks/model_speed.py --device cuda --threads 4 --rounds 3 --round-s 1.0 --warmup 3 \
-        --data $DATA --models ours-32 ours-32-cueq --cases aspirin cu1008 cu10976 --out "$OUT/model_speed_cuda.json"
+        --data $DATA --models ours-32 ours-32-cueq ours-32-cudagraphs --cases aspirin cu1008 cu10976 \
+        --out "$OUT/model_speed_cuda.json"
 }
 
 profile() {
@@ -64,6 +65,8 @@ overhead() {
     step "per-step overhead of the service on a GPU: in-process vs WebSocket vs HTTP (float32)"
     timeout 80 python3 benchmarks/service_overhead.py --device cuda --dtype float32 --threads 4 --steps 100 --rounds 2 \
         --data $DATA --out "$OUT/service_overhead_cuda.json"
+    timeout 80 python3 benchmarks/service_overhead.py --device cuda --dtype float32 --threads 4 --steps 100 --rounds 2 \
+        --cuda-graphs --transports in-process ws --data $DATA --out "$OUT/service_overhead_cuda_graphs.json"
 }
 
 train() {

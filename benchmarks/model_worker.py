@@ -20,8 +20,8 @@ from common import SPECIES, claim_stdout, peak_rss_mb, set_threads, worker_loop
 # ours: the default ModelConfig (64 channels); ours-32: the shipped checkpoints' size (equal_budget.py trains it)
 OURS_CONFIG = {"ours": {}, "ours-32": {"num_channels": 32}}
 # Potential options, by preset suffix; -pathwise: e3nn's per-path tensor-product code (the eager path before
-# mlip.tensor_product's single contraction, for side-by-side timing)
-OURS_VARIANTS = {"-compiled": {"compile": True}, "-cueq": {"kernels": "cueq"}, "-pathwise": {}}
+# mlip.tensor_product's single contraction, for side-by-side timing); -cudagraphs: replayed CUDA graphs (GPU only)
+OURS_VARIANTS = {"-compiled": {"compile": True}, "-cueq": {"kernels": "cueq"}, "-pathwise": {}, "-cudagraphs": {"cuda_graphs": True}}
 MODELS = (
     *(size + suffix for size in OURS_CONFIG for suffix in ("", *OURS_VARIANTS)), "mace-small", "mace-L1-64", "mace-medium"
 )

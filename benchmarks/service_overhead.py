@@ -98,14 +98,14 @@ class ForwardTimer:
 
 
 def calculator_factories(
-    checkpoint: Path, url: str, minimal_url: str, dtype: str, device: str
+    checkpoint: Path, url: str, minimal_url: str, dtype: str, device: str, cuda_graphs: bool
 ) -> tuple[dict[str, Callable[[], Calculator]], ForwardTimer]:
     """A fresh calculator per transport (the in-process model is loaded once and shared), and the timer of
     the in-process forward passes."""
     from mlip import MLIPCalculator, Potential
     from mlip.remote import RemoteCalculator
 
-    potential = Potential.load(checkpoint, device=device, dtype=dtype)
+    potential = Potential.load(checkpoint, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     timer = ForwardTimer(potential)
     return {
         "in-process": lambda: MLIPCalculator(potential),
@@ -190,6 +190,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, in-process and in the server")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the server")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replayed CUDA graphs in-process and in mlip serve")
     return parser.parse_args()
 
 
@@ -201,10 +202,12 @@ def main() -> None:
     (atoms,) = aspirin_frames(args.data, 1)
     minimal = [sys.executable, str(Path(__file__).with_name("minimal_server.py"))]
     with (
-        Server(checkpoint, args.threads, args.dtype, device=args.device) as server,
+        Server(checkpoint, args.threads, args.dtype, ["--cuda-graphs"] if args.cuda_graphs else [], args.device) as server,
         Server(checkpoint, args.threads, args.dtype, device=args.device, program=minimal) as minimal_server,
     ):
-        factories, timer = calculator_factories(checkpoint, server.url, minimal_server.url, args.dtype, args.device)
+        factories, timer = calculator_factories(
+            checkpoint, server.url, minimal_server.url, args.dtype, args.device, args.cuda_graphs
+        )
         servers = {name: minimal_server if name == "ws-minimal" else server for name in TRANSPORTS}
         times, inside = run_rounds(factories, timer, atoms, args, servers)
     rows = summarize(times, inside)

@@ -27,15 +27,18 @@ class MLIPCalculator(StructureInputs, Calculator):
         sha256: str | None = None,
         skin: float = DEFAULT_SKIN,
         kernels: str = "e3nn",
+        cuda_graphs: bool = False,
         **kwargs,
     ):
         """``compile=True`` runs the model through torch.compile: faster steps after a slow first call.
         ``sha256`` pins the checkpoint: any other file is refused with a ``ValueError``.
         ``skin`` (Å): the neighbour search is reused until an atom has moved half this far (0: every step).
-        ``kernels="cueq"`` runs the equivariant operations on cuEquivariance (``Potential``)."""
+        ``kernels="cueq"`` runs the equivariant operations on cuEquivariance, ``cuda_graphs=True`` replays captured
+        CUDA graphs on a GPU (``Potential``)."""
         super().__init__(**kwargs)
         self.potential = (
-            checkpoint if isinstance(checkpoint, Potential) else Potential.load(checkpoint, device, dtype, compile, sha256, kernels)
+            checkpoint if isinstance(checkpoint, Potential)
+            else Potential.load(checkpoint, device, dtype, compile, sha256, kernels, cuda_graphs)
         )
         self.neighbors = VerletGraphs(self.potential.species_index, self.potential.cutoff, skin)
         self._structure: Structure | None = None  # the last structure evaluated

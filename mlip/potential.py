@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .cuda_graphs import CudaGraphs
 from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph, stress_defined
 from .host_memory import retain_freed_host_memory
 from .kernels import kernels_of, use_kernels
@@ -50,10 +51,15 @@ class Potential:
         metadata: dict | None = None,
         compile: bool = False,
         kernels: str = "e3nn",
+        cuda_graphs: bool = False,
     ):
         """``kernels="cueq"`` swaps in cuEquivariance's tensor product and symmetric contraction (``mlip.kernels``:
-        converted weights, the same results to float64 round-off, CUDA kernels on GPUs); "e3nn" keeps the model's own."""
+        converted weights, the same results to float64 round-off, CUDA kernels on GPUs); "e3nn" keeps the model's own.
+        ``cuda_graphs`` (CUDA devices only): small structures are evaluated by replaying captured CUDA graphs
+        (``mlip.cuda_graphs``), one per padded size."""
         self.device = resolve_device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {self.device}")
         self.dtype = resolve_dtype(dtype)
         if self.device.type == "cpu":
             retain_freed_host_memory()  # activations of large structures are reused, not page-faulted afresh
@@ -67,15 +73,17 @@ class Potential:
         self.config = model.config
         self.species_index = SpeciesIndex(self.config.species)
         self.name, self.sha256, self.metadata = name, sha256, metadata or {}
+        self.cuda_graphs = CudaGraphs(self.energy_model, self.cutoff, self.device, self.dtype) if cuda_graphs else None
 
     @classmethod
     def load(
         cls, path: str | Path, device: str = "cpu", dtype: str = "float64", compile: bool = False,
-        sha256: str | None = None, kernels: str = "e3nn",
+        sha256: str | None = None, kernels: str = "e3nn", cuda_graphs: bool = False,
     ) -> "Potential":
         """Load a verified checkpoint; ``sha256`` pins it (``ValueError`` for any other file)."""
         ckpt = Checkpoint(path, sha256)
-        return cls(ckpt.build_model(), device, dtype, ckpt.path.stem, ckpt.sha256, ckpt.metadata, compile, kernels)
+        model = ckpt.build_model()
+        return cls(model, device, dtype, ckpt.path.stem, ckpt.sha256, ckpt.metadata, compile, kernels, cuda_graphs)
 
     @property
     def cutoff(self) -> float:
@@ -106,7 +114,10 @@ class Potential:
         counts = host.num_atoms.tolist()  # read on the host: no device synchronisation before the forward pass
         has_stress = stress_defined(host.cell, host.pbc).tolist()
         want_stress = "stress" in properties and any(has_stress)
-        out = compute_properties(self.energy_model, host.to(self.device, self.dtype), forces="forces" in properties, stress=want_stress)
+        forces = "forces" in properties
+        out = self.cuda_graphs(host, forces, want_stress) if self.cuda_graphs is not None else None
+        if out is None:  # no CUDA graphs, or a structure too large for them
+            out = compute_properties(self.energy_model, host.to(self.device, self.dtype), forces=forces, stress=want_stress)
         keys = ["energy"] + [k for k in ("forces", "energies") if k in properties] + (["stress"] if want_stress else [])
         # one device -> host copy for everything, in float64
         flat = torch.cat([out[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu().numpy()

@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels",  # checked by Settings (mlip.kernels.KERNELS), so that `mlip --help` does not import torch
         help="equivariant kernels: e3nn (default) or cueq (cuEquivariance, pip install 'mlip-service[cuda]')",
     )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", default=None,
+        help="on a GPU, replay captured CUDA graphs for small batches (one per padded size; ignored on a CPU)",
+    )
     parser.add_argument("--max-batch-atoms", type=int, help="atom budget of one micro-batch (default 4096)")
     parser.add_argument("--max-wait-ms", type=float, help="wait to gather larger batches, ms (default 0)")
     parser.add_argument(

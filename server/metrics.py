@@ -56,7 +56,8 @@ class Metrics:
         children = self._by_answer.get((endpoint, status))
         if children is None:
             errors = self.errors.labels(endpoint, str(status)) if status >= 400 else None
-            children = self._by_answer[endpoint, status] = (self.requests.labels(endpoint, str(status)), errors, self.latency.labels(endpoint))
+            requests = self.requests.labels(endpoint, str(status))
+            children = self._by_answer[endpoint, status] = (requests, errors, self.latency.labels(endpoint))
         requests, errors, latency = children
         requests.inc()
         if errors is not None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mlip import Potential, Structure
+from mlip.potential import resolve_device
 
 from .errors import ApiError
 from .metrics import Metrics
@@ -85,7 +86,8 @@ class ModelRegistry:
             for path in s.checkpoint_paths():
                 pin = s.checkpoint_sha256.get(path.stem)
                 potential = Potential.load(
-                    path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin, kernels=s.kernels
+                    path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin, kernels=s.kernels,
+                    cuda_graphs=s.cuda_graphs and resolve_device(s.device).type == "cuda",
                 )
                 warm_up(potential)
                 turns = device_turns.setdefault(str(potential.device), DeviceTurns())  # one pass at a time per device

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     kernels: Literal[KERNELS] = Field(
         "e3nn", description="equivariant kernels: e3nn, or cueq (cuEquivariance, the [cuda] extra; CUDA kernels on GPUs)"
     )
+    cuda_graphs: bool = Field(
+        False, description="on a CUDA device, replay captured CUDA graphs for batches of up to 1024 atoms (ignored on a CPU)"
+    )
 
     max_batch_atoms: int = Field(4096, ge=1, description="atom budget of one micro-batch")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait (ms) to gather a larger batch; 0 = none")
