@@ -7,14 +7,20 @@ import numpy as np
 MIN_VOLUME = 1e-6  # Å³; smaller periodic cells are degenerate
 
 
-def cell_has_stress(cell, pbc) -> bool:
-    """Whether stress is defined for a cell (3, 3) Å with pbc (3,): a periodic direction and a non-zero volume
-    (ASE's rule, ``cell.rank == 3``).
+def cells_have_stress(cells, pbc) -> np.ndarray:
+    """(B,) bool for cells (B, 3, 3) Å with pbc (B, 3): whether stress is defined, i.e. a periodic direction and
+    a non-zero volume (ASE's rule, ``cell.rank == 3``).
 
     A 2-D material or a slab given with a zero cell vector along its non-periodic direction has
     energies and forces but no volume to divide the virial by, so no stress (like ASE's own calculators).
     """
-    return bool(np.any(pbc)) and abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64)))) >= MIN_VOLUME
+    volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64)))
+    return np.any(pbc, axis=-1) & (volumes >= MIN_VOLUME)
+
+
+def cell_has_stress(cell, pbc) -> bool:
+    """``cells_have_stress`` for one cell (3, 3) Å and pbc (3,)."""
+    return bool(cells_have_stress(np.asarray(cell)[None], np.asarray(pbc)[None])[0])
 
 
 def periodic_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:

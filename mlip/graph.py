@@ -95,10 +95,11 @@ def _checked_positions(positions, count: int) -> np.ndarray:
     positions = np.asarray(positions, dtype=np.float64)
     if positions.shape != (count, 3):
         raise ValueError(f"positions must have shape ({count}, 3) to match numbers, got {positions.shape}")
-    if not np.isfinite(positions).all():
-        raise ValueError("positions contain NaN or inf")
-    if positions.size and np.abs(positions).max() > MAX_COORDINATE:
-        raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {np.abs(positions).max():.3g} Å")
+    largest = np.abs(positions).max(initial=0.0)
+    if not largest <= MAX_COORDINATE:  # one reduction for the common case; NaN fails this comparison too
+        if not np.isfinite(positions).all():
+            raise ValueError("positions contain NaN or inf")
+        raise ValueError(f"positions must lie within ±{MAX_COORDINATE:g} Å, got |x| = {largest:.3g} Å")
     return positions
 
 
@@ -146,6 +147,10 @@ class AtomicGraph:
         Energy and stress targets stay float64: the model's energies are float64 whatever its dtype.
         Host tensors go to a GPU from pinned memory without blocking (cast first, so fewer bytes travel).
         """
+        same_dtype = dtype is None or all(t.dtype == dtype for t in (self.positions, self.cell, self.edge_shift))
+        same_device = device is None or torch.device(device) == self.positions.device
+        if same_dtype and same_device and not self.targets:
+            return self  # already there (an MD step on a CPU): nothing to copy
         to_gpu = device is not None and torch.device(device).type == "cuda"
 
         def move(t: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:

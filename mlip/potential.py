@@ -8,9 +8,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .cell import cells_have_stress
 from .checkpoint import Checkpoint
 from .cuda_graphs import CudaGraphs
-from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph, stress_defined
+from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
 from .host_memory import retain_freed_host_memory
 from .kernels import kernels_of, use_kernels
 from .model import MLIPModel
@@ -103,7 +104,7 @@ class Potential:
     def evaluate_graphs(
         self, graphs: Sequence[AtomicGraph], properties: Iterable[str] = ("energy", "forces")
     ) -> list[dict[str, np.ndarray | float]]:
-        """Like ``evaluate`` for prebuilt graphs. Stress only where it is defined (``stress_defined``)."""
+        """Like ``evaluate`` for prebuilt graphs. Stress only where it is defined (``cells_have_stress``)."""
         properties = set(properties)
         unknown = properties - set(PROPERTIES)
         if unknown:
@@ -112,7 +113,7 @@ class Potential:
             return []
         host = batch_graphs(list(graphs))
         counts = host.num_atoms.tolist()  # read on the host: no device synchronisation before the forward pass
-        has_stress = stress_defined(host.cell, host.pbc).tolist()
+        has_stress = cells_have_stress(host.cell.cpu().numpy(), host.pbc.cpu().numpy()).tolist()
         want_stress = "stress" in properties and any(has_stress)
         forces = "forces" in properties
         out = self.cuda_graphs(host, forces, want_stress) if self.cuda_graphs is not None else None
@@ -121,7 +122,9 @@ class Potential:
         keys = ["energy"] + [k for k in ("forces", "energies") if k in properties] + (["stress"] if want_stress else [])
         # one device -> host copy for everything, in float64
         flat = torch.cat([out[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu().numpy()
-        arrays = dict(zip(keys, np.split(flat, np.cumsum([out[k].numel() for k in keys])[:-1])))
+        arrays, start = {}, 0
+        for k in keys:
+            arrays[k], start = flat[start : start + out[k].numel()], start + out[k].numel()
         starts = np.cumsum([0] + counts)
         results = []
         for b in range(len(counts)):
