@@ -105,11 +105,12 @@ def test_degenerate_low_dimensional_cells_are_refused(cell, pbc, message):
 
 
 def test_stress_rule_is_the_same_for_one_cell_and_a_batch():
-    """``cell_has_stress`` (numpy, one cell: the clients) and ``stress_defined`` (torch, a batch: the model) agree,
-    on random cells that are full, flat (a zero or dependent vector) or tiny, with every periodicity."""
+    """``cell_has_stress`` (numpy, one cell: the clients), ``cells_have_stress`` (numpy, a batch: before the forward
+    pass) and ``stress_defined`` (torch, a batch: inside it) agree, on random cells that are full, flat (a zero or
+    dependent vector) or tiny, with every periodicity."""
     import torch
 
-    from mlip.cell import MIN_VOLUME, cell_has_stress
+    from mlip.cell import MIN_VOLUME, cell_has_stress, cells_have_stress
     from mlip.graph import stress_defined
 
     rng = np.random.default_rng(0)
@@ -125,6 +126,6 @@ def test_stress_rule_is_the_same_for_one_cell_and_a_batch():
         pbcs.append(rng.random(3) < 0.5)
     batch = stress_defined(torch.tensor(np.array(cells)), torch.tensor(np.array(pbcs))).tolist()
     single = [cell_has_stress(c, p) for c, p in zip(cells, pbcs)]
-    assert single == batch
+    assert single == batch == cells_have_stress(np.array(cells), np.array(pbcs)).tolist()
     volumes = np.abs(np.linalg.det(np.array(cells)))
     assert any(single) and not all(single) and ((volumes > 0) & (volumes < MIN_VOLUME)).any()  # every case occurs
