@@ -114,9 +114,15 @@ def _check_spans(positions: np.ndarray, pbc: np.ndarray, frame: np.ndarray) -> N
             )
 
 
+def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
+    """(B,) |det| of cells (B, 3, 3) in Å³, as the triple product: elementwise kernels only (no LU
+    factorisation), so it can sit inside a captured CUDA graph."""
+    return (torch.linalg.cross(cell[:, 0], cell[:, 1], dim=-1) * cell[:, 2]).sum(-1).abs()
+
+
 def stress_defined(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     """(B,) bool: ``cell_has_stress`` (a periodic direction and a non-zero volume) for a batch of cells."""
-    return pbc.any(dim=1) & (torch.linalg.det(cell).abs() >= MIN_VOLUME)
+    return pbc.any(dim=1) & (cell_volumes(cell) >= MIN_VOLUME)
 
 
 @dataclass

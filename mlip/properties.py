@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph import AtomicGraph, stress_defined
+from .graph import AtomicGraph, cell_volumes, stress_defined
 
 
 def compute_properties(
@@ -48,7 +48,7 @@ def compute_properties(
         if forces:
             results["forces"] = -grads[0]
         if stress:
-            volume = torch.linalg.det(graph.cell).abs()
+            volume = cell_volumes(graph.cell)
             defined = stress_defined(graph.cell, graph.pbc)
             safe_volume = torch.where(defined, volume, torch.ones_like(volume))
             results["stress"] = grads[-1] / safe_volume[:, None, None] * defined[:, None, None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -40,71 +42,116 @@ def test_bucket_ladder_holds_the_count_with_bounded_waste():
         assert size >= n and size % 8 == 0 and (size <= 1.5 * n + 8 or size == MIN_ATOMS)
 
 
-def test_padding_leaves_every_real_structure_unchanged(potential):
+@pytest.fixture
+def cpu_model(model) -> torch.nn.Module:
+    """A float64 CPU copy of the session model (which sits on the test device, maybe a GPU)."""
+    copied = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
+def test_padding_leaves_every_real_structure_unchanged(potential, cpu_model):
     """Energies, forces, per-atom energies and stress of the real structures equal the unpadded batch's
     (float64, 1e-12), for a molecule, a periodic cell and a sheet evaluated together."""
     host = batch_graphs(graphs_of(potential, structures()))
     atoms, edges, count = padded_sizes(host)
     assert atoms > host.species.shape[0] and edges >= host.edge_index.shape[1] and count > host.num_graphs
     padded = pad_graph(host, atoms + 8, edges + 40, count + 1, potential.cutoff)  # edges that loop on padding atoms
-    model = potential.model
-    ref = compute_properties(model, host, forces=True, stress=True)
-    got = compute_properties(model, padded, forces=True, stress=True)
+    ref = compute_properties(cpu_model, host, forces=True, stress=True)
+    got = compute_properties(cpu_model, padded, forces=True, stress=True)
     n, b = host.species.shape[0], host.num_graphs
     for key, size in (("energy", b), ("stress", b), ("forces", n), ("energies", n)):
         np.testing.assert_allclose(got[key][:size].detach().numpy(), ref[key].detach().numpy(), rtol=1e-12, atol=1e-12, err_msg=key)
     assert torch.isfinite(got["forces"]).all() and torch.isfinite(got["energy"]).all()
 
 
-def test_cached_evaluations_reuse_buffers_trim_and_evict(potential):
-    """On the CPU the cache runs the same fixed buffers without capture: a second structure of the same
-    padded size reuses them and gets its own results (not the first one's), a larger one takes a new size,
-    the least recently used size is evicted, and structures above the limit are left to the caller."""
+def test_cached_evaluations_reuse_buffers_trim_and_evict(potential, cpu_model):
+    """On the CPU the cache runs the same fixed buffers without capture. A size is taken on its second
+    evaluation; after that, other structures of that padded size (moved atoms; the same molecule with its
+    atoms in another order, so species and edges differ too) reuse the buffers and get their own results;
+    a larger structure takes a new size and the least recently used is evicted; structures above the
+    limit are left to the caller."""
     molecule_a, crystal, _ = structures()
     molecule_b = molecule_a.copy()
     molecule_b.positions += np.random.default_rng(1).normal(0, 0.05, molecule_b.positions.shape)
-    cache = CudaGraphs(potential.model, potential.cutoff, torch.device("cpu"), torch.float64, max_atoms=100, max_captured=1)
-    for atoms in (molecule_a, molecule_b, molecule_a):
+    molecule_c = molecule_a[np.random.default_rng(2).permutation(len(molecule_a))]
+    cache = CudaGraphs(cpu_model, potential.cutoff, torch.device("cpu"), torch.float64, max_atoms=100, max_captured=1)
+    (first,) = graphs_of(potential, [molecule_a])
+    assert cache(first, forces=True, stress=False) is None  # a size seen once runs eagerly
+    for atoms in (molecule_a, molecule_b, molecule_c, molecule_a):
         (graph,) = graphs_of(potential, [atoms])
+        assert padded_sizes(graph) == padded_sizes(first)
         got = cache(graph, forces=True, stress=False)
-        ref = compute_properties(potential.model, graph, forces=True, stress=False)
+        ref = compute_properties(cpu_model, graph, forces=True, stress=False)
         assert got["forces"].shape == ref["forces"].shape and got["energy"].shape == (1,)
         np.testing.assert_allclose(got["forces"].detach().numpy(), ref["forces"].detach().numpy(), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got["energy"].detach().numpy(), ref["energy"].detach().numpy(), rtol=1e-12)
     assert len(cache._captured) == 1
     (first_key,) = cache._captured
     (big,) = graphs_of(potential, [crystal * (2, 1, 1)])
-    assert cache(big, forces=True, stress=True) is not None
+    assert cache(big, forces=True, stress=True) is None and cache(big, forces=True, stress=True) is not None
     assert first_key not in cache._captured and len(cache._captured) == 1  # evicted
     (too_big,) = graphs_of(potential, [crystal * (4, 4, 2)])
-    assert cache(too_big, forces=True, stress=True) is None
+    assert cache(too_big, forces=True, stress=True) is None and cache(too_big, forces=True, stress=True) is None
+
+
+def test_a_size_that_cannot_be_captured_runs_eagerly_for_good(potential, cpu_model, monkeypatch):
+    """A capture that raises (an operation CUDA graphs cannot hold) leaves that size to the eager path:
+    the caller gets None, and the capture is not tried again."""
+    import mlip.cuda_graphs
+
+    attempts = []
+
+    def failing_capture(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(mlip.cuda_graphs, "CapturedEvaluation", failing_capture)
+    cache = CudaGraphs(cpu_model, potential.cutoff, torch.device("cpu"), torch.float64)
+    (graph,) = graphs_of(potential, [structures()[0]])
+    assert [cache(graph, forces=True, stress=False) for _ in range(4)] == [None] * 4
+    assert len(attempts) == 1 and len(cache._failed) == 1 and not cache._captured
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the test device replaces the CPU")
 def test_cuda_graphs_need_a_cuda_device(model):
     with pytest.raises(ValueError, match="CUDA device"):
-        Potential(model, device="cpu", cuda_graphs=True)
+        Potential(copy.deepcopy(model), device="cpu", cuda_graphs=True)
+
+
+def replayed_equals_eager(model, device: str, dtype: str, tolerance: float) -> Potential:
+    """MD-like steps of one molecule, then a mixed batch (molecule, periodic cell, sheet) twice, evaluated
+    with and without CUDA graphs on ``device``: equal results, each replay answering for its own inputs."""
+    eager = Potential(copy.deepcopy(model), device=device, dtype=dtype)
+    graphed = Potential(copy.deepcopy(model), device=device, dtype=dtype, cuda_graphs=True)
+    atoms = structures()
+    rng = np.random.default_rng(0)
+    start = atoms[0].positions.copy()
+    properties = ["energy", "forces", "energies", "stress"]
+    for step in range(6):
+        atoms[0].positions = start + rng.normal(0, 0.02, start.shape)
+        batch = [Structure.from_atoms(atoms[0])] if step < 4 else [Structure.from_atoms(a) for a in atoms]
+        for got, ref in zip(graphed.evaluate(batch, properties), eager.evaluate(batch, properties)):
+            assert got.keys() == ref.keys()
+            for key in ref:
+                np.testing.assert_allclose(got[key], ref[key], rtol=tolerance, atol=tolerance, err_msg=key)
+    return graphed
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-10), ("float32", 1e-4)])
 def test_replayed_cuda_graphs_equal_eager_evaluation(model, dtype, tolerance):
-    """On a GPU: captured and replayed evaluations (MD-like steps of one molecule, then a batch with a
-    periodic cell) equal the eager ones, and each replay answers for its own positions."""
-    eager = Potential(model, device="cuda", dtype=dtype)
-    graphed = Potential(model, device="cuda", dtype=dtype, cuda_graphs=True)
-    atoms = structures()
-    rng = np.random.default_rng(0)
-    start = atoms[0].positions.copy()
-    for step in range(4):
-        atoms[0].positions = start + rng.normal(0, 0.02, start.shape)
-        batch = [Structure.from_atoms(atoms[0])] if step < 3 else [Structure.from_atoms(a) for a in atoms]
-        properties = ["energy", "forces", "energies", "stress"]
-        for got, ref in zip(graphed.evaluate(batch, properties), eager.evaluate(batch, properties)):
-            assert got.keys() == ref.keys()
-            for key in ref:
-                np.testing.assert_allclose(got[key], ref[key], rtol=tolerance, atol=tolerance, err_msg=key)
+    graphed = replayed_equals_eager(model, "cuda", dtype, tolerance)
     assert len(graphed.cuda_graphs._captured) >= 2 and not graphed.cuda_graphs._failed  # replayed, none fell back
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_replayed_cuda_graphs_on_a_device_that_is_not_the_current_one(model):
+    """On cuda:1 while cuda:0 is current, the capture runs on cuda:1's streams (else it records nothing
+    and every replay returns the first structure's results)."""
+    graphed = replayed_equals_eager(model, "cuda:1", "float64", 1e-10)
+    assert torch.cuda.current_device() == 0 and len(graphed.cuda_graphs._captured) >= 2
 
 
 def test_server_setting_applies_on_cuda_devices_only(tmp_path):
