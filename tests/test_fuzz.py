@@ -1,4 +1,4 @@
-"""Fuzzing: the OpenAPI schema (schemathesis) and the geometry checks (hypothesis). No 5xx, no crash."""
+"""Fuzzing: the OpenAPI schema (schemathesis), WebSocket frames and the geometry checks (hypothesis). No 5xx, no crash."""
 
 from __future__ import annotations
 
@@ -95,6 +95,56 @@ def test_structure_fuzz_over_http_gives_no_server_error(client):
 
     call()
     assert statuses.get(200, 0) > 0 and statuses.get(422, 0) > 0, statuses
+    assert client.get("/health/live").status_code == 200
+
+
+def step_frames(draw_positions) -> st.SearchStrategy:
+    """One WebSocket frame: junk bytes, a msgpack value of the wrong kind, a start with a hostile structure,
+    or a step with hostile positions, cell or pbc."""
+    from mlip import wire
+
+    junk = st.one_of(st.binary(max_size=64), st.just(b"\xc1"), st.just(wire.packb([1, 2, 3])))
+    start = structures().map(lambda s: wire.packb({"type": "start", "id": 1, **s}))
+    step = st.fixed_dictionaries(
+        {"type": st.just("step"), "id": st.integers(0, 9), "positions": draw_positions},
+        optional={"cell": st.one_of(st.none(), cells), "pbc": st.lists(st.booleans(), min_size=3, max_size=3),
+                  "extra": st.integers()},
+    ).map(lambda m: wire.packb({k: np.reshape(v, (3, 3)) if k == "cell" and v is not None else v for k, v in m.items()}))
+    other = st.dictionaries(st.sampled_from(["type", "id", "positions", "numbers"]), st.integers() | st.text(max_size=4)).map(wire.packb)
+    return st.one_of(junk, start, step, other)
+
+
+def test_websocket_frame_fuzz_keeps_the_session_answering(client):
+    """Sequences of junk and hostile frames on an open WebSocket session: every frame gets one reply, a result
+    or a 4xx error (never a 5xx or a dropped connection), and a valid start and step still work afterwards."""
+    from mlip import wire
+
+    positions = st.one_of(
+        st.lists(st.lists(coordinates, min_size=3, max_size=3), min_size=0, max_size=7).map(np.array),
+        st.lists(coordinates, max_size=5), st.integers(), st.text(max_size=3),
+    )
+    statuses: dict[int, int] = {}
+    good = {"type": "start", "id": 7, "numbers": [1, 8], "positions": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.97]]}
+
+    @FUZZ
+    @given(st.lists(step_frames(positions), min_size=1, max_size=5))
+    def session(frames) -> None:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_bytes(wire.packb(good))  # a session to step: the frames below hit its positions checks
+            assert wire.unpackb(ws.receive_bytes())["type"] == "result"
+            for frame in frames:
+                ws.send_bytes(frame)
+                reply = wire.unpackb(ws.receive_bytes())
+                status = 200 if reply["type"] == "result" else reply["status"]
+                statuses[status] = statuses.get(status, 0) + 1
+                assert status in (200, 400, 413, 422), (frame, reply)
+            ws.send_bytes(wire.packb(good))
+            assert wire.unpackb(ws.receive_bytes())["type"] == "result"
+            ws.send_bytes(wire.packb({"type": "step", "id": 8, "positions": [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]}))
+            assert wire.unpackb(ws.receive_bytes())["type"] == "result"
+
+    session()
+    assert statuses.get(200, 0) > 0 and statuses.get(422, 0) > 0 and statuses.get(400, 0) > 0, statuses
     assert client.get("/health/live").status_code == 200
 
 
