@@ -98,6 +98,9 @@ def test_structure_fuzz_over_http_gives_no_server_error(client):
     assert client.get("/health/live").status_code == 200
 
 
+MSGPACK_INTEGERS = st.integers(-(2**63), 2**64 - 1)  # what msgpack can encode at all (the client's limit, not the server's)
+
+
 def step_frames(draw_positions) -> st.SearchStrategy:
     """One WebSocket frame: junk bytes, a msgpack value of the wrong kind, a start with a hostile structure,
     or a step with hostile positions, cell or pbc."""
@@ -108,9 +111,9 @@ def step_frames(draw_positions) -> st.SearchStrategy:
     step = st.fixed_dictionaries(
         {"type": st.just("step"), "id": st.integers(0, 9), "positions": draw_positions},
         optional={"cell": st.one_of(st.none(), cells), "pbc": st.lists(st.booleans(), min_size=3, max_size=3),
-                  "extra": st.integers()},
+                  "extra": MSGPACK_INTEGERS},
     ).map(lambda m: wire.packb({k: np.reshape(v, (3, 3)) if k == "cell" and v is not None else v for k, v in m.items()}))
-    other = st.dictionaries(st.sampled_from(["type", "id", "positions", "numbers"]), st.integers() | st.text(max_size=4)).map(wire.packb)
+    other = st.dictionaries(st.sampled_from(["type", "id", "positions", "numbers"]), MSGPACK_INTEGERS | st.text(max_size=4)).map(wire.packb)
     return st.one_of(junk, start, step, other)
 
 
@@ -121,7 +124,7 @@ def test_websocket_frame_fuzz_keeps_the_session_answering(client):
 
     positions = st.one_of(
         st.lists(st.lists(coordinates, min_size=3, max_size=3), min_size=0, max_size=7).map(np.array),
-        st.lists(coordinates, max_size=5), st.integers(), st.text(max_size=3),
+        st.lists(coordinates, max_size=5), MSGPACK_INTEGERS, st.text(max_size=3),
     )
     statuses: dict[int, int] = {}
     good = {"type": "start", "id": 7, "numbers": [1, 8], "positions": [[0.0, 0.0, 0.0], [0.0, 0.0, 0.97]]}
