@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from contextlib import nullcontext
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import torch
 
@@ -104,7 +104,7 @@ class CudaGraphs:
             self._seen[key] += 1
             if key in self._failed or self._seen[key] < CAPTURE_AFTER:
                 return None
-        padded = pad_graph(replace(graph, targets={}), *sizes, self.cutoff)
+        padded = pad_graph(graph, *sizes, self.cutoff)
         if captured is None and (captured := self._capture(key, padded)) is None:
             return None
         self._captured[key] = captured

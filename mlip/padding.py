@@ -9,6 +9,7 @@ structure, so the real structures' energies, forces and stress are those of the 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -34,7 +35,8 @@ def padded_sizes(graph: AtomicGraph) -> tuple[int, int, int]:
 
 
 def pad_graph(graph: AtomicGraph, atoms: int, edges: int, graphs: int, cutoff: float) -> AtomicGraph:
-    """``graph`` followed by padding up to exactly ``atoms`` atoms, ``edges`` edges and ``graphs`` structures."""
+    """``graph`` followed by padding up to exactly ``atoms`` atoms, ``edges`` edges and ``graphs`` structures
+    (training targets are left out: padding is for evaluation)."""
     have = graph.species.shape[0], graph.edge_index.shape[1], graph.num_graphs
     extra_atoms, extra_edges, extra_graphs = atoms - have[0], edges - have[1], graphs - have[2]
     if extra_atoms < 1 or extra_edges < 0 or extra_graphs < 1:
@@ -57,4 +59,4 @@ def pad_graph(graph: AtomicGraph, atoms: int, edges: int, graphs: int, cutoff: f
         batch=torch.zeros(extra_atoms, dtype=graph.batch.dtype, device=graph.batch.device),
         num_atoms=num_atoms,
     )
-    return batch_graphs([graph, padding])
+    return batch_graphs([replace(graph, targets={}), padding])
