@@ -16,6 +16,7 @@ time outside the forward pass (decoding, validation, neighbour list, queue hand-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -201,10 +202,12 @@ def main() -> None:
     info = machine_info(args.threads)
     (atoms,) = aspirin_frames(args.data, 1)
     minimal = [sys.executable, str(Path(__file__).with_name("minimal_server.py"))]
-    with (
-        Server(checkpoint, args.threads, args.dtype, ["--cuda-graphs"] if args.cuda_graphs else [], args.device) as server,
-        Server(checkpoint, args.threads, args.dtype, device=args.device, program=minimal) as minimal_server,
-    ):
+    with contextlib.ExitStack() as running:
+        extra = ["--cuda-graphs"] if args.cuda_graphs else []
+        server = running.enter_context(Server(checkpoint, args.threads, args.dtype, extra, args.device))
+        minimal_server = server  # started only when its transport runs (it loads a second copy of the model)
+        if "ws-minimal" in args.transports:
+            minimal_server = running.enter_context(Server(checkpoint, args.threads, args.dtype, device=args.device, program=minimal))
         factories, timer = calculator_factories(
             checkpoint, server.url, minimal_server.url, args.dtype, args.device, args.cuda_graphs
         )
