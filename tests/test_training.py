@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -233,6 +234,56 @@ def test_cli_overrides_and_yaml(tmp_path, emt_file):
     assert ckpt.config.num_channels == 4 and ckpt.metadata["training"]["config"]["batch_size"] == 6
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_yaml(path, {"learning_rate": 1})
+
+
+@pytest.fixture(scope="module")
+def source_checkpoint(tmp_path_factory, emt_file) -> Path:
+    """A tiny model trained on the EMT crystals: what the fine-tuning tests start from."""
+    config = make_config(tmp_path_factory.mktemp("source"), emt_file, max_epochs=2)
+    Trainer(config).run()
+    return Path(config.output)
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |b| over all tensors of two state dicts."""
+    diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in b)
+    return (diff / sum(float((b[k].double() ** 2).sum()) for k in b)) ** 0.5
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path, source_checkpoint):
+    new_data = write_xyz(tmp_path / "new.xyz", emt_crystals(12, seed=1))
+    source = Checkpoint(source_checkpoint)
+    tuned = Trainer(make_config(tmp_path, new_data, init_from=str(source_checkpoint), max_epochs=1, lr=1e-3))
+    assert tuned.model_config.to_dict() == source.config.to_dict()  # architecture, E0s, scale, neighbour normalisation
+    structures = [s.structure for s in tuned.valid]
+    before = Potential(copy.deepcopy(tuned.model), dtype="float64").evaluate(structures, ["energy", "forces"])
+    for a, b in zip(before, Potential.load(source_checkpoint).evaluate(structures, ["energy", "forces"])):
+        np.testing.assert_allclose(a["energy"], b["energy"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(a["forces"], b["forces"], rtol=0, atol=1e-12)
+    tuned.run()
+    tuned_tensors = Checkpoint(tuned.config.output).tensors
+    assert 0 < relative_distance(tuned_tensors, source.tensors) < 0.05  # trained, from the checkpoint's weights
+    assert relative_distance(MLIPModel(source.config).state_dict(), source.tensors) > 0.5  # what a fresh start is
+    card = Path(tuned.config.output).with_suffix(".md").read_text()
+    assert f"fine-tuned from `{source_checkpoint}` (SHA-256 {source.sha256[:16]}" in card
+    assert Checkpoint(tuned.config.output).metadata["training"]["init_from"]["sha256"] == source.sha256
+
+
+def test_fine_tuning_keeps_architecture_and_elements_and_takes_e0s_given(tmp_path, emt_file, source_checkpoint, capsys):
+    with pytest.raises(ValueError, match=r"model keys \['num_channels'\] differ from the checkpoint"):
+        Trainer(make_config(tmp_path, emt_file, init_from=str(source_checkpoint), model={**TINY_MODEL, "num_channels": 8}))
+    nickel = emt_crystals(8, seed=2)
+    for atoms in nickel:
+        atoms.numbers[0] = 28
+    ni_file = write_xyz(tmp_path / "ni.xyz", nickel)
+    with pytest.raises(ValueError, match=r"elements \[28\] are in the data but not in the checkpoint .*cannot add elements"):
+        Trainer(make_config(tmp_path, ni_file, init_from=str(source_checkpoint), valid_count=2))
+    given = Trainer(make_config(tmp_path, emt_file, init_from=str(source_checkpoint), e0s={"Cu": -1.5, "Al": -2.5}))
+    assert given.model_config.e0s == {29: -1.5, 13: -2.5} != Checkpoint(source_checkpoint).config.e0s
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"train_file": str(emt_file), "model": TINY_MODEL, "valid_count": 4, "device": "cpu"}))
+    assert cli_main(["train", str(path), "--init-from", str(tmp_path / "missing.safetensors")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_torchrun_data_parallel_matches_single_process(tmp_path, emt_file):

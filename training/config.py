@@ -68,6 +68,9 @@ class TrainConfig:
     stage_two_energy_weight: float | None = 1000.0  # None: no stage two
     stage_two_lr: float = 1e-3
     resume: bool = False
+    # fine-tuning: start from this checkpoint (a file or a shipped name): its architecture, weights, scale and
+    # neighbour normalisation; its E0s too unless e0s is set to something other than auto
+    init_from: str | None = None
     description: str = ""  # goes into the model card
     command: str = ""  # the command line that ran this training (set by `mlip train`)
 

@@ -6,7 +6,9 @@ import argparse
 import shlex
 import sys
 
-FLAG_KEYS = ("train_file", "valid_file", "output", "max_epochs", "max_time", "batch_size", "lr", "device", "dtype", "seed")
+FLAG_KEYS = (
+    "train_file", "valid_file", "output", "init_from", "max_epochs", "max_time", "batch_size", "lr", "device", "dtype", "seed",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-file")
     parser.add_argument("--valid-file")
     parser.add_argument("--output", help="checkpoint path (.safetensors); logs and plots go beside it")
+    parser.add_argument(
+        "--init-from", metavar="CHECKPOINT",
+        help="fine-tune: start from this checkpoint's weights (a file or a shipped name such as aspirin-rmd17)",
+    )
     parser.add_argument("--max-epochs", type=int)
     parser.add_argument("--max-time", help="wall-time budget: seconds, or like 45m / 2h")
     parser.add_argument("--batch-size", type=int)

@@ -95,17 +95,29 @@ class Trainer:
         self.keys = keys
 
         state = self._load_state() if config.resume else None
-        self.model_config = ModelConfig.from_dict(state["model_config"]) if state else self._derive_model_config()
+        source = mlip.Checkpoint(config.init_from) if config.init_from and not state else None
+        self.init_from: dict | None = None  # the checkpoint fine-tuned from: path and SHA-256
+        if state:
+            self.model_config = ModelConfig.from_dict(state["model_config"])
+            self.init_from = state.get("init_from")
+        elif source:
+            self.model_config = self._fine_tuning_config(source)
+            self.init_from = {"path": str(source.path), "sha256": source.sha256}
+        else:
+            self.model_config = self._derive_model_config()
         index = SpeciesIndex(self.model_config.species)
         cutoff = self.model_config.cutoff
         self.train_graphs = [s.graph(index, cutoff) for s in self.train]
         self.valid_graphs = [s.graph(index, cutoff) for s in self.valid]
-        if not state:
+        if not state and not source:
             self.model_config.avg_num_neighbors = average_num_neighbors(self.train_graphs)
         self.use_stress = config.stress_weight > 0 and any(s.stress is not None for s in self.train)
 
         torch.manual_seed(config.seed)
-        self.model = MLIPModel(self.model_config).to(self.device, self.dtype)
+        self.model = MLIPModel(self.model_config)
+        if source:
+            self.model.load_state_dict(source.build_model().state_dict())
+        self.model.to(self.device, self.dtype)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.optimizer = torch.optim.AdamW(
@@ -129,6 +141,31 @@ class Trainer:
         scale = force_rms([s for s in self.train if not is_isolated_atom(s)])
         # no shift: it would move every isolated atom's energy away from its E0
         return ModelConfig(species=species, e0s=e0s, scale=scale, shift=0.0, **self.config.model)
+
+    def _fine_tuning_config(self, source: mlip.Checkpoint) -> ModelConfig:
+        """The checkpoint's config (architecture, scale, neighbour normalisation); its E0s unless ``e0s`` is not auto."""
+        fixed = source.config.to_dict()
+        changed = sorted(k for k, v in self.config.model.items() if fixed.get(k) != v)
+        if changed:
+            raise ValueError(
+                f"init_from: model keys {changed} differ from the checkpoint {source.path}, whose architecture a"
+                " fine-tuned model keeps; drop them from the config"
+            )
+        species = sorted({int(z) for s in self.train + self.valid for z in s.structure.numbers})
+        unknown = sorted(set(species) - set(source.config.species))
+        if unknown:
+            raise ValueError(
+                f"init_from: elements {unknown} are in the data but not in the checkpoint {source.path}"
+                f" (species {source.config.species}); fine-tuning cannot add elements"
+            )
+        config = ModelConfig.from_dict(fixed)
+        if self.config.e0s == "auto":
+            self.e0_source = f"the checkpoint fine-tuned from ({source.path})"
+        else:
+            e0s, note = resolve_e0s(self.config.e0s, self.train, species)
+            config.e0s = {**config.e0s, **e0s}
+            self.e0_source = f"{note}, replacing those of the checkpoint fine-tuned from ({source.path})"
+        return config
 
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self) -> dict:
@@ -162,6 +199,7 @@ class Trainer:
                 "stage_two_started": self.stage_two_started,
                 "elapsed_s": elapsed_s,
                 "e0_source": self.e0_source,
+                "init_from": self.init_from,
                 "torch_rng": torch.get_rng_state(),
             },
             self.state_path,
@@ -352,6 +390,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "dtype": c.dtype,
                 "e0s": self.e0_source,
+                "init_from": self.init_from,
                 "config": c.to_dict(),
                 "torch_version": torch.__version__,
                 "mlip_version": mlip.__version__,
