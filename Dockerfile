@@ -18,6 +18,9 @@ FROM ${BASE_IMAGE} AS builder
 
 # Used only when BASE_IMAGE has no torch.
 ARG TORCH_SPEC=torch
+# The project's extras: add cuda (CUDA 12 torch, as the default base) or cuda13 for cuEquivariance's GPU
+# kernels, served with MLIP_KERNELS=cueq: --build-arg MLIP_EXTRAS=server,cuda
+ARG MLIP_EXTRAS=server
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -46,7 +49,7 @@ COPY mlip/__init__.py mlip/__init__.py
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && mkdir -p server training checkpoints \
-    && /opt/venv/bin/pip install --constraint /opt/torch-constraint.txt --find-links /wheels ".[server]"
+    && /opt/venv/bin/pip install --constraint /opt/torch-constraint.txt --find-links /wheels ".[${MLIP_EXTRAS}]"
 # ... then the project itself: a regular (non-editable) install, no dependency changes.
 COPY . .
 RUN --mount=type=secret,id=pip_cert \

@@ -107,9 +107,10 @@ def test_dockerfile_installs_without_replacing_the_base_torch():
     runs = " ".join(rest for w, rest in instructions() if w == "RUN")
     installs = [cmd for cmd in re.split(r"&&|;", runs) if "pip install" in cmd]
     assert installs and not any(re.search(r"\s(-e|--editable)\s", c) for c in installs), "non-editable installs only"
-    project = [c for c in installs if ".[server]" in c]
+    project = [c for c in installs if ".[${MLIP_EXTRAS}]" in c]
     assert project and all("--constraint" in c for c in project), "the project install must pin the base's torch"
     assert "--system-site-packages" in runs, "the venv must see the base image's torch"
+    assert ("ARG", "MLIP_EXTRAS=server") in instructions(), "the server extra by default"
     assert "version('torch')" in runs
 
 
