@@ -64,7 +64,7 @@ class Potential:
         self.dtype = resolve_dtype(dtype)
         if self.device.type == "cpu":
             retain_freed_host_memory()  # activations of large structures are reused, not page-faulted afresh
-        self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge (32 channels, float64)
+        self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge at 32 channels, ~87 kB at 64 (float64)
         self.model = use_kernels(model, kernels, self.device).to(device=self.device, dtype=self.dtype).eval()
         self.kernels = kernels_of(self.model)
         for p in self.model.parameters():

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         3, ge=1, description="device failures in a row after which /health/ready fails so the orchestrator replaces us"
     )
     max_edges_per_structure: int = Field(
-        250_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
+        120_000, ge=1, description="neighbour pairs of one structure (estimated before the neighbour search) and of one batch"
     )
     neighbor_skin: float = Field(
         DEFAULT_SKIN, ge=0, le=2.0, description="Å; a WebSocket session, or a structure sent again over HTTP, reuses its neighbour search until an atom moves half this far"
