@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -135,8 +136,12 @@ class Trainer:
         if state:
             self._restore(state)
 
+    def _data_species(self) -> list[int]:
+        """Atomic numbers present in the training and validation data, sorted."""
+        return sorted({int(z) for s in self.train + self.valid for z in s.structure.numbers})
+
     def _derive_model_config(self) -> ModelConfig:
-        species = sorted({int(z) for s in self.train + self.valid for z in s.structure.numbers})
+        species = self._data_species()
         e0s, self.e0_source = resolve_e0s(self.config.e0s, self.train, species)
         scale = force_rms([s for s in self.train if not is_isolated_atom(s)])
         # no shift: it would move every isolated atom's energy away from its E0
@@ -151,21 +156,19 @@ class Trainer:
                 f"init_from: model keys {changed} differ from the checkpoint {source.path}, whose architecture a"
                 " fine-tuned model keeps; drop them from the config"
             )
-        species = sorted({int(z) for s in self.train + self.valid for z in s.structure.numbers})
+        species = self._data_species()
         unknown = sorted(set(species) - set(source.config.species))
         if unknown:
             raise ValueError(
                 f"init_from: elements {unknown} are in the data but not in the checkpoint {source.path}"
                 f" (species {source.config.species}); fine-tuning cannot add elements"
             )
-        config = ModelConfig.from_dict(fixed)
         if self.config.e0s == "auto":
             self.e0_source = f"the checkpoint fine-tuned from ({source.path})"
-        else:
-            e0s, note = resolve_e0s(self.config.e0s, self.train, species)
-            config.e0s = {**config.e0s, **e0s}
-            self.e0_source = f"{note}, replacing those of the checkpoint fine-tuned from ({source.path})"
-        return config
+            return dataclasses.replace(source.config)
+        e0s, note = resolve_e0s(self.config.e0s, self.train, species)
+        self.e0_source = f"{note}, replacing those of the checkpoint fine-tuned from ({source.path})"
+        return dataclasses.replace(source.config, e0s={**source.config.e0s, **e0s})
 
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self) -> dict:
