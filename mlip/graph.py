@@ -16,8 +16,8 @@ MAX_EXTENT = 1000.0  # Å; longest periodic cell vector, widest span of position
 MIN_CELL_HEIGHT = 0.5  # Å; thinner periodic cells put atoms on top of their own images (and stall the search)
 MAX_COORDINATE = 1e5  # Å; largest |position| component (periodic structures are wrapped, but not from anywhere)
 MAX_NEIGHBORS_PER_ATOM = 1000  # ~10x the density of diamond at r_c = 5 Å: beyond it the input is not matter
-# Directed edges of one graph unless the caller sets a limit: energy + forces + stress take ~36 kB per
-# edge for the shipped 32-channel models in float64 (measured), so 10^6 edges is ~36 GB.
+# Directed edges of one graph unless the caller sets a limit (Potential sets its own from the memory there is,
+# mlip.edge_budget): 35-90 kB per edge for the shipped models in float64, so 10^6 edges is 35-90 GB.
 DEFAULT_MAX_EDGES = 1_000_000
 PER_ATOM_TARGETS = ("forces",)  # every other target is per structure
 FLOAT64_TARGETS = ("energy", "stress")  # totals of ~1e4 eV: float32 would round labels to ~2 meV
@@ -218,7 +218,7 @@ def check_size(structure: Structure, cutoff: float, max_edges: int = DEFAULT_MAX
     if estimate > max_edges:
         raise ValueError(
             f"structure too large: about {estimate:.3g} neighbour pairs within {cutoff:g} Å, more than the limit of "
-            f"{max_edges} (~36 kB each; in-process, raise Potential.max_edges if the memory is there)"
+            f"{max_edges} (in-process, Potential.max_edges sets it from the memory there is: mlip.edge_budget)"
         )
 
 

@@ -11,7 +11,8 @@ import torch
 from .cell import cells_have_stress
 from .checkpoint import Checkpoint
 from .cuda_graphs import CudaGraphs
-from .graph import DEFAULT_MAX_EDGES, AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
+from .edge_budget import default_edge_limit
+from .graph import AtomicGraph, SpeciesIndex, Structure, batch_graphs, build_graph
 from .host_memory import retain_freed_host_memory
 from .kernels import kernels_of, use_kernels
 from .model import MLIPModel
@@ -64,7 +65,8 @@ class Potential:
         self.dtype = resolve_dtype(dtype)
         if self.device.type == "cpu":
             retain_freed_host_memory()  # activations of large structures are reused, not page-faulted afresh
-        self.max_edges = DEFAULT_MAX_EDGES  # per structure; activations cost ~36 kB per edge at 32 channels, ~87 kB at 64 (float64)
+        # edges per structure: what fits in half the memory there is now (a larger structure is a ValueError, not an OOM kill)
+        self.max_edges = default_edge_limit(model.config, self.device, self.dtype)
         self.model = use_kernels(model, kernels, self.device).to(device=self.device, dtype=self.dtype).eval()
         self.kernels = kernels_of(self.model)
         for p in self.model.parameters():
@@ -104,14 +106,32 @@ class Potential:
     def evaluate_graphs(
         self, graphs: Sequence[AtomicGraph], properties: Iterable[str] = ("energy", "forces")
     ) -> list[dict[str, np.ndarray | float]]:
-        """Like ``evaluate`` for prebuilt graphs. Stress only where it is defined (``cells_have_stress``)."""
+        """Like ``evaluate`` for prebuilt graphs, in batches of at most ``max_edges`` edges together (so a
+        long list cannot exhaust the memory either). Stress only where it is defined (``cells_have_stress``)."""
         properties = set(properties)
         unknown = properties - set(PROPERTIES)
         if unknown:
             raise ValueError(f"unknown properties {sorted(unknown)}; choose from {list(PROPERTIES)}")
-        if not graphs:
-            return []
-        host = batch_graphs(list(graphs))
+        return [result for batch in self.edge_batches(graphs) for result in self._evaluate_batch(batch, properties)]
+
+    def edge_batches(self, graphs: Sequence[AtomicGraph]) -> list[list[AtomicGraph]]:
+        """Consecutive runs of ``graphs`` with at most ``max_edges`` edges together; ``ValueError`` for one above it."""
+        batches: list[list[AtomicGraph]] = []
+        edges_in_last = 0
+        for graph in graphs:
+            edges = graph.edge_index.shape[1]
+            if edges > self.max_edges:
+                raise ValueError(f"a graph has {edges} edges, more than Potential.max_edges = {self.max_edges}")
+            if not batches or edges_in_last + edges > self.max_edges:
+                batches.append([])
+                edges_in_last = 0
+            batches[-1].append(graph)
+            edges_in_last += edges
+        return batches
+
+    def _evaluate_batch(self, graphs: list[AtomicGraph], properties: set[str]) -> list[dict[str, np.ndarray | float]]:
+        """One batched forward pass over ``graphs``; per-structure results in their order."""
+        host = batch_graphs(graphs)
         counts = host.num_atoms.tolist()  # read on the host: no device synchronisation before the forward pass
         has_stress = cells_have_stress(host.cell.cpu().numpy(), host.pbc.cpu().numpy()).tolist()
         want_stress = "stress" in properties and any(has_stress)

@@ -89,11 +89,14 @@ class TorchSimModel(ModelInterface):
             atoms = (system_idx == b).numpy()
             structure = Structure.from_arrays(numbers[atoms], positions[atoms], cells[b], pbc[b])
             graphs.append(self.potential.graph(structure))
-        graph = batch_graphs(graphs).to(self.device, self.dtype)
-        with torch.enable_grad():  # forces and stress are autograd derivatives of the energy
-            out = compute_properties(
-                self.potential.energy_model, graph, forces=self.compute_forces, stress=self.compute_stress
-            )
+        parts = []
+        for batch in self.potential.edge_batches(graphs):  # at most Potential.max_edges edges per forward pass
+            graph = batch_graphs(batch).to(self.device, self.dtype)
+            with torch.enable_grad():  # forces and stress are autograd derivatives of the energy
+                parts.append(compute_properties(
+                    self.potential.energy_model, graph, forces=self.compute_forces, stress=self.compute_stress
+                ))
+        out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         # energies are float64 inside mlip; torch-sim expects every output in the model's dtype
         results = {"energy": out["energy"].detach().to(self.dtype)}
         if self.compute_forces:

@@ -89,6 +89,7 @@ class ModelRegistry:
                     path, device=s.device, dtype=s.dtype, compile=s.compile, sha256=pin, kernels=s.kernels,
                     cuda_graphs=s.cuda_graphs and resolve_device(s.device).type == "cuda",
                 )
+                potential.max_edges = s.max_edges_per_structure  # the operator's limit rules here, not the memory estimate
                 warm_up(potential)
                 turns = device_turns.setdefault(str(potential.device), DeviceTurns())  # one pass at a time per device
                 worker = BatchWorker(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
@@ -181,3 +182,55 @@ def test_edge_limit_is_enforced_and_realistic_systems_pass():
     assert 0.5 < estimate_edges(crystal, 5.0) / edges < 2.0  # the estimate tracks the real count
     with pytest.raises(ValueError, match="more than the limit of 1000"):
         build_graph(crystal, SpeciesIndex([29]), 5.0, max_edges=1000)
+
+
+def test_default_edge_limit_follows_memory_model_width_and_dtype(monkeypatch):
+    import mlip.edge_budget as budget
+
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: 8 * 10**9)
+    narrow, wide = MLIPModel(make_config(num_channels=8)), MLIPModel(make_config(num_channels=16))
+    limit = Potential(narrow, dtype="float64").max_edges
+    assert limit * budget.bytes_per_edge(narrow.config, torch.float64) <= 0.5 * 8 * 10**9
+    assert Potential(wide, dtype="float64").max_edges == pytest.approx(limit / 2, rel=1e-3)  # twice the width
+    assert Potential(narrow, dtype="float32").max_edges == pytest.approx(2 * limit, rel=1e-3)  # half the bytes
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: 4 * 10**9)
+    assert Potential(narrow, dtype="float64").max_edges == pytest.approx(limit / 2, rel=1e-3)
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: None)  # unreadable: the fixed ceiling
+    assert Potential(narrow, dtype="float64").max_edges == budget.DEFAULT_MAX_EDGES
+
+
+def test_calculator_refuses_a_structure_beyond_the_memory_before_allocating(checkpoint, monkeypatch, molecule_atoms):
+    import mlip.edge_budget as budget
+
+    monkeypatch.setattr(budget, "available_memory_bytes", lambda device: 10 * 10**6)  # a 10 MB machine
+    calc = MLIPCalculator(checkpoint)
+    assert calc.potential.max_edges < 1000
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (3, 3, 3)
+    atoms.calc = calc
+    with pytest.raises(ValueError, match="structure too large"):
+        atoms.get_potential_energy()
+    molecule = molecule_atoms.copy()
+    molecule.calc = calc
+    assert np.isfinite(molecule.get_potential_energy())  # the same calculator goes on with what fits
+
+
+def test_evaluate_batches_by_edges_with_the_results_of_one_batch(model, molecule_atoms):
+    rng = np.random.default_rng(3)
+    structures = []
+    for _ in range(6):
+        atoms = molecule_atoms.copy()
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        structures.append(Structure.from_atoms(atoms))
+    whole = Potential(model, dtype="float64")
+    split = Potential(model, dtype="float64")
+    graphs = [split.graph(s) for s in structures]
+    edges = graphs[0].edge_index.shape[1]
+    split.max_edges = 2 * edges + edges // 2  # two structures per batch
+    assert [len(b) for b in split.edge_batches(graphs)] == [2, 2, 2]
+    properties = ["energy", "forces", "energies"]
+    for got, want in zip(split.evaluate_graphs(graphs, properties), whole.evaluate(structures, properties)):
+        for key in properties:
+            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-10)
+    split.max_edges = edges - 1
+    with pytest.raises(ValueError, match="more than Potential.max_edges"):
+        split.evaluate_graphs(graphs)

@@ -19,6 +19,7 @@ from ase import Atoms  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 from torch_sim.models.interface import validate_model_outputs  # noqa: E402
 
+import mlip  # noqa: E402
 from mlip import MLIPCalculator, MLIPModel, Potential, save_checkpoint  # noqa: E402
 from mlip.torchsim import TorchSimModel  # noqa: E402
 
@@ -86,6 +87,19 @@ def test_periodic_batch_matches_calculator(ts_model, calc):
     shear = out["stress"] - torch.diag_embed(out["stress"].diagonal(dim1=1, dim2=2))
     assert shear.abs().amax(dim=(1, 2)).min() > 1e-4  # both systems under shear stress: a sensitive check
     assert_matches_calculator(out, systems, calc, periodic=True)
+
+
+def test_a_batch_beyond_the_edge_limit_runs_in_parts_with_the_same_results(ts_model, calc, monkeypatch):
+    systems = [acetaldehyde(1, box=np.diag([9.0, 10.0, 11.0]) @ SHEAR), sheared_crystal(2), sheared_crystal(3)]
+    state = ts.io.atoms_to_state(systems, CPU, F64)
+    whole = ts_model(state)
+    graphs = [ts_model.potential.graph(mlip.Structure.from_atoms(a)) for a in systems]
+    monkeypatch.setattr(ts_model.potential, "max_edges", 2 * max(g.edge_index.shape[1] for g in graphs))
+    assert len(ts_model.potential.edge_batches(graphs)) > 1
+    parts = ts_model(state)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(parts[key], whole[key], rtol=0, atol=1e-10)
+    assert_matches_calculator(parts, systems, calc, periodic=True)
 
 
 def test_molecules_batch_matches_calculator(ts_model, calc):
