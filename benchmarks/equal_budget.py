@@ -264,6 +264,7 @@ class MaceProcess:
         self.started_at: float | None = None  # monotonic time of "Started training"
         self.epoch_at: dict[int, float] = {}  # epoch -> monotonic time its validation line appeared
         self.completed_at: float | None = None
+        self.interrupted = False  # this driver stopped it (budget or probe), whatever it logged after
         self.lines: list[str] = []
         self.proc = subprocess.Popen([mace_bin("mace_run_train"), *flags], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=thread_env(threads), cwd=REPO_ROOT)
@@ -290,6 +291,7 @@ class MaceProcess:
     def interrupt(self) -> None:
         """SIGINT (KeyboardInterrupt in MACE), then SIGKILL if it has not exited after 30 s."""
         if self.running():
+            self.interrupted = True
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=30)
@@ -426,14 +428,14 @@ def train_mace(dataset: Dataset, split: dict[str, Any], budget_s: float, epoch_s
     proc.wait(budget_s=budget_s)
     row["train_s"] = proc.train_s()
     row["epochs"] = (max(proc.epoch_at) + 1) if proc.epoch_at else 0
-    row["interrupted_at_budget"] = proc.completed_at is None
-    final = proc
-    if proc.completed_at is None:
-        if proc.started_at is None:
-            raise proc.failure("MACE ended before training started")
-        final = finalise_killed_mace(dataset, split, run_dir, args, start_stage_two)
-    elif proc.proc.returncode != 0:
-        raise proc.failure("mace_run_train failed after training")
+    row["interrupted_at_budget"] = proc.interrupted
+    if proc.started_at is None:
+        raise proc.failure("MACE ended before training started")
+    if proc.proc.returncode != 0 and not proc.interrupted:
+        raise proc.failure("mace_run_train failed")
+    # Stopped at the budget, even just as its last epoch ended (it may have logged "Training
+    # complete" and then been killed while writing its model): the model comes from the checkpoints.
+    final = finalise_killed_mace(dataset, split, run_dir, args, start_stage_two) if proc.interrupted else proc
     row["wall_s"] = time.perf_counter() - t0
 
     stage_two = run_dir / "mace_stagetwo.model"
