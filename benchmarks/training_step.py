@@ -42,6 +42,7 @@ def main() -> None:
     from mlip.training.config import TrainConfig
     from mlip.training.trainer import Trainer
 
+    # train_epoch writes nothing: the output path is never created; one validation config keeps the split cheap
     overrides = {"output": "/tmp/mlip-training-step/model.safetensors", "valid_count": 1}
     if args.dtype:
         overrides["dtype"] = args.dtype
