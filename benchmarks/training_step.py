@@ -3,7 +3,8 @@
 Runs the trainer's own epoch loop (`Trainer.train_epoch`: collate, energy + forces with a graph for
 the force loss, double backward, clipping, AdamW, EMA) on the first configurations of a training
 config's data, and fits ms/step = fixed + per_sample × batch per thread count. The fixed part is the
-per-step overhead (operator dispatch, optimiser, EMA) that a small batch pays more often.
+per-step overhead (operator dispatch, optimiser, EMA) that a small batch pays more often. ``--compile``
+times the compiled step (``compile: true``, training/compiled.py) side by side with the eager one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per batch size")
     parser.add_argument("--dtype", choices=["float32", "float64"], help="default: the config's")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled step (minutes of compilation first)")
     parser.add_argument("--out", default=str(default_out("training_step")))
     args = parser.parse_args()
 
@@ -46,21 +48,24 @@ def main() -> None:
     overrides = {"output": "/tmp/mlip-training-step/model.safetensors", "valid_count": 1}
     if args.dtype:
         overrides["dtype"] = args.dtype
-    trainer = Trainer(TrainConfig.from_yaml(args.config, overrides))
-    graphs = trainer.train_graphs
+    trainers = {"eager": Trainer(TrainConfig.from_yaml(args.config, {**overrides, "compile": False}))}
+    if args.compile:
+        trainers["compiled"] = Trainer(TrainConfig.from_yaml(args.config, {**overrides, "compile": True}))
+    graphs = {step: trainer.train_graphs for step, trainer in trainers.items()}  # step_ms truncates train_graphs
     rows, fits = [], {}
     for threads in args.threads:
         set_threads(threads)
-        times = [step_ms(trainer, graphs, b, args.steps) for b in args.batch_sizes]
-        per_sample, fixed = np.polyfit(args.batch_sizes, times, 1)
-        fits[threads] = {"fixed_ms_per_step": fixed, "ms_per_sample": per_sample}
-        for b, ms in zip(args.batch_sizes, times):
-            rows.append({"threads": threads, "batch_size": b, "ms_per_step": ms, "ms_per_sample": ms / b})
-    print(markdown_table(["threads", "batch", "ms/step", "ms/sample"], [list(r.values()) for r in rows]))
-    print(markdown_table(["threads", "fixed ms/step", "ms per sample"],
-                         [[t, f["fixed_ms_per_step"], f["ms_per_sample"]] for t, f in fits.items()]))
+        for step, trainer in trainers.items():
+            times = [step_ms(trainer, graphs[step], b, args.steps) for b in args.batch_sizes]
+            per_sample, fixed = np.polyfit(args.batch_sizes, times, 1) if len(times) > 1 else (np.nan, np.nan)
+            fits[f"{step}, {threads} threads"] = {"fixed_ms_per_step": fixed, "ms_per_sample": per_sample}
+            for b, ms in zip(args.batch_sizes, times):
+                rows.append({"step": step, "threads": threads, "batch_size": b, "ms_per_step": ms, "ms_per_sample": ms / b})
+    print(markdown_table(["step", "threads", "batch", "ms/step", "ms/sample"], [list(r.values()) for r in rows]))
+    print(markdown_table(["step", "fixed ms/step", "ms per sample"],
+                         [[k, f["fixed_ms_per_step"], f["ms_per_sample"]] for k, f in fits.items()]))
     write_json(args.out, {"machine": machine_info(max(args.threads)), "config": str(args.config),
-                          "dtype": trainer.config.dtype, "steps": args.steps, "rows": rows, "fit": fits})
+                          "dtype": trainers["eager"].config.dtype, "steps": args.steps, "rows": rows, "fit": fits})
 
 
 if __name__ == "__main__":

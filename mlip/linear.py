@@ -77,7 +77,7 @@ def _map_block(features: torch.Tensor, start: int, mul_in: int, dim: int, weight
     block = features.narrow(1, start, mul_in * dim)
     if dim == 1:
         return block @ weight
-    return (weight.T @ block.reshape(len(features), mul_in, dim)).reshape(len(features), -1)
+    return (weight.T @ block.reshape(features.shape[0], mul_in, dim)).reshape(features.shape[0], -1)
 
 
 def _by_output(outputs: Iterable[tuple[int, torch.Tensor]], irreps_out: o3.Irreps, features: torch.Tensor) -> torch.Tensor:
@@ -85,5 +85,5 @@ def _by_output(outputs: Iterable[tuple[int, torch.Tensor]], irreps_out: o3.Irrep
     sums: list[torch.Tensor | None] = [None] * len(irreps_out)
     for i_out, out in outputs:
         sums[i_out] = out if sums[i_out] is None else sums[i_out] + out
-    blocks = [features.new_zeros(len(features), mul_ir.dim) if out is None else out for out, mul_ir in zip(sums, irreps_out)]
+    blocks = [features.new_zeros(features.shape[0], mul_ir.dim) if out is None else out for out, mul_ir in zip(sums, irreps_out)]
     return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]

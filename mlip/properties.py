@@ -37,8 +37,8 @@ def compute_properties(
     edge_vectors = positions[sender] - positions[receiver] + torch.einsum("ei,eij->ej", graph.edge_shift, edge_cell)
 
     node_energy = model(graph.species, edge_vectors, graph.edge_index)
-    energy = torch.zeros(graph.num_graphs, dtype=torch.float64, device=node_energy.device)
-    energy = energy.index_add(0, graph.batch, node_energy)
+    # sized like num_atoms, not by a Python int: a symbolic trace (training/compiled.py) keeps the batch size free
+    energy = torch.zeros_like(graph.num_atoms, dtype=torch.float64).index_add(0, graph.batch, node_energy)
     results = {"energy": energy, "energies": node_energy}
     if inputs:
         grads = torch.autograd.grad(

@@ -78,7 +78,7 @@ class ChannelWiseTensorProduct(Float64Constants, o3.TensorProduct):
 
     def component_major(self, x: torch.Tensor) -> torch.Tensor:
         """(N, irreps_in1.dim) in e3nn's layout -> (N, i, u): each component of every channel together."""
-        n, u = len(x), self.channels
+        n, u = x.shape[0], self.channels  # not len(x): a symbolic trace keeps the atom count free
         if len(self.feature_dims) == 1:
             return x.reshape(n, u, self.feature_dims[0]).transpose(1, 2)
         blocks = x.split([u * d for d in self.feature_dims], dim=1)

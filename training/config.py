@@ -44,6 +44,9 @@ class TrainConfig:
     dtype: str = "float64"
     device: str = "auto"
     num_threads: int | None = None
+    # torch.compile the training step (energies, forces, stress and their backward; training/compiled.py):
+    # a few minutes of compilation on the first batch, then faster steps; single-process training only
+    compile: bool = False
     batch_size: int = 8
     valid_batch_size: int = 32
     max_epochs: int = 1000

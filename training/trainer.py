@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -23,6 +24,7 @@ from mlip.model import MLIPModel
 from mlip.potential import resolve_device, resolve_dtype
 from mlip.properties import compute_properties
 
+from .compiled import CompiledProperties
 from .config import TrainConfig
 from .data import LabelKeys, Sample, is_isolated_atom, read_samples, split_samples
 from .distributed import Distributed
@@ -121,6 +123,13 @@ class Trainer:
         self.model.to(self.device, self.dtype)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        if config.compile and self.dist.enabled:
+            raise ValueError("compile: true trains in one process; it bypasses the gradient all-reduce of torchrun")
+        self.properties = (
+            CompiledProperties(self.model, stress=self.use_stress)
+            if config.compile
+            else functools.partial(compute_properties, self.ddp, forces=True, stress=self.use_stress, training=True)
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad
         )
@@ -266,7 +275,7 @@ class Trainer:
         for batch in bar:
             mine = self.dist.shard(batch.tolist())
             graph = batch_graphs([self.train_graphs[i] for i in mine]).to(self.device, self.dtype)
-            out = compute_properties(self.ddp, graph, forces=True, stress=self.use_stress, training=True)
+            out = self.properties(graph)
             loss = self.loss(out, graph)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
