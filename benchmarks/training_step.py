@@ -57,13 +57,15 @@ def main() -> None:
         set_threads(threads)
         for step, trainer in trainers.items():
             times = [step_ms(trainer, graphs[step], b, args.steps) for b in args.batch_sizes]
-            per_sample, fixed = np.polyfit(args.batch_sizes, times, 1) if len(times) > 1 else (np.nan, np.nan)
-            fits[f"{step}, {threads} threads"] = {"fixed_ms_per_step": fixed, "ms_per_sample": per_sample}
+            if len(times) > 1:
+                per_sample, fixed = np.polyfit(args.batch_sizes, times, 1)
+                fits[f"{step}, {threads} threads"] = {"fixed_ms_per_step": fixed, "ms_per_sample": per_sample}
             for b, ms in zip(args.batch_sizes, times):
                 rows.append({"step": step, "threads": threads, "batch_size": b, "ms_per_step": ms, "ms_per_sample": ms / b})
     print(markdown_table(["step", "threads", "batch", "ms/step", "ms/sample"], [list(r.values()) for r in rows]))
-    print(markdown_table(["step", "fixed ms/step", "ms per sample"],
-                         [[k, f["fixed_ms_per_step"], f["ms_per_sample"]] for k, f in fits.items()]))
+    if fits:
+        print(markdown_table(["step", "fixed ms/step", "ms per sample"],
+                             [[k, f["fixed_ms_per_step"], f["ms_per_sample"]] for k, f in fits.items()]))
     write_json(args.out, {"machine": machine_info(max(args.threads)), "config": str(args.config),
                           "dtype": trainers["eager"].config.dtype, "steps": args.steps, "rows": rows, "fit": fits})
 

@@ -55,7 +55,8 @@ def write_model_card(checkpoint: Path, config: ModelConfig, metadata: dict, limi
         "## Training",
         f"- wall time: {t['wall_time_s'] / 60:.1f} min on {t['hardware']} (world size {t['world_size']}), {t['epochs']} epochs, best epoch {t['best_epoch']}",
         *([f"- fine-tuned from `{t['init_from']['path']}` (SHA-256 {t['init_from']['sha256'][:16]}…)"] if t.get("init_from") else []),
-        f"- dtype {t['dtype']}, torch {t['torch_version']}, mlip {t['mlip_version']}",
+        f"- dtype {t['dtype']}{', compiled training step' if t['config'].get('compile') else ''},"
+        f" torch {t['torch_version']}, mlip {t['mlip_version']}",
         f"- loss weights: energy {t['config']['energy_weight']}, forces {t['config']['forces_weight']}, stress {t['config']['stress_weight']};"
         f" AdamW{' (AMSGrad)' if t['config'].get('amsgrad') else ''} lr {t['config']['lr']}, {t['config']['scheduler']} schedule,"
         f" EMA {t['config']['ema_decay']}, batch {t['config']['batch_size']}",

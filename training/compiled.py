@@ -84,14 +84,20 @@ def _views_as_reshapes(traced: torch.fx.GraphModule) -> None:
     operation of the trace must write a fresh tensor (an ``empty_like``, an arithmetic result) used by nothing else.
     """
     for node in traced.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        if not _is_op(node):
             continue
         if node.target is torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default
         elif node.target._schema.is_mutable:
             written = node.args[0]
-            while written.target._schema.is_mutable:  # a chain of in-place ops on one tensor
+            while _is_op(written) and written.target._schema.is_mutable:  # a chain of in-place ops on one tensor
                 written = written.args[0]
-            if any(r.alias_info for r in written.target._schema.returns) or len(node.args[0].users) > 1:
+            fresh = _is_op(written) and not any(r.alias_info for r in written.target._schema.returns)
+            if not fresh or len(node.args[0].users) > 1:
                 raise RuntimeError(f"the compiled training step cannot trace {node.target} writing into an alias")
     traced.recompile()
+
+
+def _is_op(node: torch.fx.Node) -> bool:
+    """A call of an ATen operator (not a graph input, a Python operator on sizes or the output)."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
