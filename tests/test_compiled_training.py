@@ -20,7 +20,7 @@ from .test_training import read_log
 
 
 def structures(*names: str) -> list[Structure]:
-    """Rattled molecules and (sheared) crystals, each of its own size."""
+    """Rattled molecules and fcc supercells, each of its own size."""
     made = []
     for k, name in enumerate(names):
         atoms = bulk(name, "fcc", a=3.8) * (2, 1, k + 1) if name in ("Cu", "Al") else molecule(name)
@@ -74,4 +74,3 @@ def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
     for eager, compiled in zip(logs[False], logs[True]):
         for key in ("train_loss", "valid_energy_mae_meV", "valid_forces_mae_meV_per_A"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-7), key
-

@@ -12,6 +12,7 @@ the trace picks view or copy from symbolic strides, which real tensors of other 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -22,7 +23,7 @@ from mlip.graph import AtomicGraph
 from mlip.model import MLIPModel
 from mlip.properties import compute_properties
 
-_GRAPH_TENSORS = ("species", "positions", "cell", "pbc", "edge_index", "edge_shift", "batch", "num_atoms")
+_GRAPH_TENSORS = tuple(f.name for f in dataclasses.fields(AtomicGraph) if f.name != "targets")
 # the dimension of each that counts atoms, edges or structures: the sizes that change between batches
 _VARYING_DIM = {"edge_index": 1}
 

@@ -80,6 +80,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype)
         self.dist = Distributed(self.device)
+        if config.compile and self.dist.enabled:
+            raise ValueError("compile: true trains in one process; it bypasses the gradient all-reduce of torchrun")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output = Path(config.output)
@@ -123,8 +125,6 @@ class Trainer:
         self.model.to(self.device, self.dtype)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        if config.compile and self.dist.enabled:
-            raise ValueError("compile: true trains in one process; it bypasses the gradient all-reduce of torchrun")
         self.properties = (
             CompiledProperties(self.model, stress=self.use_stress)
             if config.compile
