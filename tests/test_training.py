@@ -286,13 +286,16 @@ def test_fine_tuning_keeps_architecture_and_elements_and_takes_e0s_given(tmp_pat
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_torchrun_data_parallel_matches_single_process(tmp_path, emt_file):
-    """2 gloo processes x batch 2 take the same steps as 1 process x batch 4 (equal-size structures)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_torchrun_data_parallel_matches_single_process(tmp_path, emt_file, compile):
+    """2 gloo processes x batch 2 take the same steps as 1 process x batch 4 (equal-size structures); with
+    ``compile`` the processes run the traced step (eager backend) and average the gradients themselves."""
     base = dict(train_file=str(emt_file), model=TINY_MODEL, valid_count=4, max_epochs=2, device="cpu",
                 dtype="float64", lr=0.01, warmup_epochs=1, clip_grad=None, num_threads=1)
     single, multi = tmp_path / "single.yaml", tmp_path / "multi.yaml"
     single.write_text(yaml.safe_dump({**base, "batch_size": 4, "output": str(tmp_path / "single.safetensors")}))
-    multi.write_text(yaml.safe_dump({**base, "batch_size": 2, "output": str(tmp_path / "multi.safetensors")}))
+    multi.write_text(yaml.safe_dump({**base, "batch_size": 2, "output": str(tmp_path / "multi.safetensors"),
+                                     "compile": compile, "compile_backend": "eager"}))
     assert cli_main(["train", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -301,5 +304,7 @@ def test_torchrun_data_parallel_matches_single_process(tmp_path, emt_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = Checkpoint(tmp_path / "single.safetensors"), Checkpoint(tmp_path / "multi.safetensors")
     assert b.metadata["training"]["world_size"] == 2
+    assert b.metadata["training"]["config"]["command"].startswith("torchrun --standalone --nproc_per_node=2 -m mlip.cli train")
+    assert "batch 4 (2 per process × 2 processes)" in (tmp_path / "multi.md").read_text()
     for name, tensor in a.tensors.items():
         np.testing.assert_allclose(b.tensors[name].numpy(), tensor.numpy(), atol=1e-9)

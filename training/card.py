@@ -33,6 +33,12 @@ def _stage_two(c: dict) -> str:
     )
 
 
+def _batch(t: dict) -> str:
+    """Structures per optimiser step; under torchrun, per process times processes."""
+    per_process, world = t["config"]["batch_size"], t["world_size"]
+    return f"{per_process * world} ({per_process} per process × {world} processes)" if world > 1 else str(per_process)
+
+
 def write_model_card(checkpoint: Path, config: ModelConfig, metadata: dict, limits: str = "") -> Path:
     """Data, split, hyperparameters, wall time and hardware, validation metrics, limits of use."""
     t, v = metadata["training"], metadata["validation"]
@@ -59,7 +65,7 @@ def write_model_card(checkpoint: Path, config: ModelConfig, metadata: dict, limi
         f" torch {t['torch_version']}, mlip {t['mlip_version']}",
         f"- loss weights: energy {t['config']['energy_weight']}, forces {t['config']['forces_weight']}, stress {t['config']['stress_weight']};"
         f" AdamW{' (AMSGrad)' if t['config'].get('amsgrad') else ''} lr {t['config']['lr']}, {t['config']['scheduler']} schedule,"
-        f" EMA {t['config']['ema_decay']}, batch {t['config']['batch_size']}",
+        f" EMA {t['config']['ema_decay']}, batch {_batch(t)}",
         _stage_two(t["config"]),
         "- hyperparameters:",
         "",

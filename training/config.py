@@ -45,8 +45,9 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None
     # torch.compile the training step (energies, forces, stress and their backward; training/compiled.py):
-    # a few minutes of compilation on the first batch, then faster steps; single-process training only
+    # a few minutes of compilation on the first batch, then faster steps; also under torchrun
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's; "eager" runs the traced step op by op (checks a trace in seconds)
     batch_size: int = 8
     valid_batch_size: int = 32
     max_epochs: int = 1000

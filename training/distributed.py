@@ -35,6 +35,21 @@ class Distributed:
         dist.all_reduce(t)
         return t.tolist()
 
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over ranks, in one all-reduce: DDP's job for a step it does not run
+        (the compiled step calls the model through a traced graph, not through DDP's forward)."""
+        if not self.enabled:
+            return
+        for p in parameters:  # a parameter this rank's batch did not reach may have one on another rank
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in parameters]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for grad, mean in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(mean)
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's decision (e.g. stop now) for every rank."""
         if not self.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(args.config, overrides)
     config.model.update(model_overrides)
     config.__post_init__()
-    config.command = "mlip train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --standalone --nproc_per_node={world_size} -m mlip.cli" if world_size > 1 else "mlip"
+    config.command = f"{launcher} train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     result = Trainer(config).run()
     if result:
         print(yaml.safe_dump({"validation": result["validation"]}, sort_keys=False))
