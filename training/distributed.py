@@ -8,11 +8,16 @@ import torch
 import torch.distributed as dist
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class Distributed:
     """World size/rank from torchrun's environment; a no-op when run as one process."""
 
     def __init__(self, device: torch.device):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world_size = launched_world_size()
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world_size > 1

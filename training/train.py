@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from .config import TrainConfig
+    from .distributed import launched_world_size
     from .trainer import Trainer
 
     overrides = overrides_from_args(args)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(args.config, overrides)
     config.model.update(model_overrides)
     config.__post_init__()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     launcher = f"torchrun --standalone --nproc_per_node={world_size} -m mlip.cli" if world_size > 1 else "mlip"
     config.command = f"{launcher} train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     result = Trainer(config).run()
